@@ -1,0 +1,309 @@
+//! LLaMA over a batch of sequences of different lengths sharing one paged KV cache.
+//!
+//! All new tokens of the batch are packed into one [tokens, hidden] matrix so the projections
+//! and MLPs run as single matmuls; only attention is done per sequence, reading each
+//! sequence's keys and values from the cache through its block table.
+
+use crate::config::LlmConfig;
+use crate::kv_cache::{PagedKvCache, SequenceSlice};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+
+/// Precomputed rotary cos/sin for every position the model supports.
+#[derive(Debug, Clone)]
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &LlmConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let dim = cfg.head_dim();
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(i as f64 / dim as f64) as f32)
+            .collect();
+        let n = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, n), device)?;
+        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = positions.matmul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `xs` [1, heads, tokens, head_dim] by each token's own position.
+    fn apply(&self, xs: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let cos = self.cos.index_select(positions, 0)?;
+        let sin = self.sin.index_select(positions, 0)?;
+        candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Positions, cache slots and layout of one batch, shared by every layer.
+struct BatchPlan<'a> {
+    slices: &'a [SequenceSlice],
+    /// Position of every packed token.
+    positions: Tensor,
+    /// Cache slot every packed token is written to.
+    write_slots: Tensor,
+    /// Per sequence: cache slots of positions `0..start + len`, read by attention.
+    read_slots: Vec<Tensor>,
+}
+
+impl Attention {
+    fn new(cfg: &LlmConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let kv = cfg.num_key_value_heads * hd;
+        Ok(Self {
+            q_proj: linear_no_bias(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
+            k_proj: linear_no_bias(h, kv, vb.pp("k_proj"))?,
+            v_proj: linear_no_bias(h, kv, vb.pp("v_proj"))?,
+            o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &Rotary,
+        plan: &BatchPlan,
+        cache: (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let t = xs.dim(0)?;
+        let hd = self.head_dim;
+        let to_heads = |x: Tensor, heads: usize| x.reshape((1, t, heads, hd))?.transpose(1, 2);
+        let q = to_heads(self.q_proj.forward(xs)?, self.num_heads)?;
+        let k = to_heads(self.k_proj.forward(xs)?, self.num_kv_heads)?;
+        let q = rotary.apply(&q, &plan.positions)?;
+        let k = rotary.apply(&k, &plan.positions)?;
+        let k = k.squeeze(0)?.transpose(0, 1)?.contiguous()?; // [t, kv_heads, hd]
+        let v = self.v_proj.forward(xs)?.reshape((t, self.num_kv_heads, hd))?;
+        let (k_cache, v_cache) = cache;
+        let index = plan
+            .write_slots
+            .reshape((t, 1, 1))?
+            .broadcast_as((t, self.num_kv_heads, hd))?
+            .contiguous()?;
+        k_cache.scatter_set(&index, &k, 0)?;
+        v_cache.scatter_set(&index, &v.contiguous()?, 0)?;
+
+        let q = q.squeeze(0)?; // [heads, t, hd]
+        let groups = self.num_heads / self.num_kv_heads;
+        let scale = (hd as f64).powf(-0.5);
+        let mut outputs = Vec::with_capacity(plan.slices.len());
+        let mut offset = 0;
+        for (slice, slots) in plan.slices.iter().zip(&plan.read_slots) {
+            let q = q.narrow(1, offset, slice.len)?;
+            offset += slice.len;
+            let ctx = slice.start + slice.len;
+            let gather = |cache: &Tensor| -> Result<Tensor> {
+                let x = cache.index_select(slots, 0)?.transpose(0, 1)?; // [kv_heads, ctx, hd]
+                let x = x
+                    .unsqueeze(1)?
+                    .broadcast_as((self.num_kv_heads, groups, ctx, hd))?
+                    .reshape((self.num_heads, ctx, hd))?;
+                x.contiguous()
+            };
+            let (k, v) = (gather(k_cache)?, gather(v_cache)?);
+            let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let scores = match causal_mask(slice, q.device())? {
+                Some(mask) => scores.broadcast_add(&mask)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+            outputs.push(probs.matmul(&v)?); // [heads, len, hd]
+        }
+        let out = Tensor::cat(&outputs, 1)?.transpose(0, 1)?.reshape((t, self.num_heads * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Additive mask letting new token `i` (at position `start + i`) see positions `..= start + i`.
+fn causal_mask(slice: &SequenceSlice, device: &Device) -> Result<Option<Tensor>> {
+    if slice.len == 1 {
+        return Ok(None);
+    }
+    let ctx = slice.start + slice.len;
+    let mask: Vec<f32> = (0..slice.len)
+        .flat_map(|i| (0..ctx).map(move |j| if j > slice.start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (1, slice.len, ctx), device).map(Some)
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &LlmConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &LlmConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: rms_norm(h, eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: rms_norm(h, eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &Rotary,
+        plan: &BatchPlan,
+        cache: (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(xs)?, rotary, plan, cache)?;
+        let xs = (xs + attn)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        xs + mlp
+    }
+}
+
+/// The language model: `LlamaForCausalLM` under the checkpoint prefix `language_model`.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    max_positions: usize,
+    vocab_size: usize,
+}
+
+impl Llama {
+    pub fn new(cfg: &LlmConfig, vb: VarBuilder) -> Result<Self> {
+        let model = vb.pp("model");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, model.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: embedding(cfg.vocab_size, cfg.hidden_size, model.pp("embed_tokens"))?,
+            layers,
+            norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model.pp("norm"))?,
+            lm_head: linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?,
+            rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
+            max_positions: cfg.max_position_embeddings,
+            vocab_size: cfg.vocab_size,
+        })
+    }
+
+    /// Token embeddings [tokens, hidden] of `ids` [tokens].
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// Runs the packed new tokens of `slices` (embeddings [tokens, hidden], in slice order),
+    /// writes their keys and values into `cache`, and returns f32 logits [n, vocab] for the
+    /// last token of each slice that wants them, in slice order.
+    pub fn forward(
+        &self,
+        embeddings: &Tensor,
+        slices: &[SequenceSlice],
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
+        let device = embeddings.device();
+        let plan = self.plan(embeddings.dim(0)?, slices, cache, device)?;
+        let mut xs = embeddings.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, &self.rotary, &plan, cache.layer(i))?;
+        }
+        let mut last = Vec::new();
+        let mut end = 0;
+        for slice in slices {
+            end += slice.len;
+            if slice.wants_logits {
+                last.push(end as u32 - 1);
+            }
+        }
+        if last.is_empty() {
+            return Tensor::zeros((0, self.vocab_size), DType::F32, device);
+        }
+        let last = Tensor::new(last, device)?;
+        let xs = self.norm.forward(&xs.index_select(&last, 0)?)?;
+        self.lm_head.forward(&xs)?.to_dtype(DType::F32)
+    }
+
+    fn plan<'a>(
+        &self,
+        tokens: usize,
+        slices: &'a [SequenceSlice],
+        cache: &PagedKvCache,
+        device: &Device,
+    ) -> Result<BatchPlan<'a>> {
+        let packed: usize = slices.iter().map(|s| s.len).sum();
+        if packed != tokens || slices.iter().any(|s| s.len == 0) {
+            candle_core::bail!("batch slices cover {packed} tokens, embeddings have {tokens}");
+        }
+        let total_slots = (cache.num_blocks() * cache.block_size()) as u32;
+        let mut positions = Vec::with_capacity(tokens);
+        let mut write_slots = Vec::with_capacity(tokens);
+        let mut read_slots = Vec::with_capacity(slices.len());
+        for slice in slices {
+            let end = slice.start + slice.len;
+            if end > self.max_positions {
+                candle_core::bail!("position {end} exceeds max_position_embeddings {}", self.max_positions);
+            }
+            let slots = slice.slots(end, cache.block_size())?;
+            if slots.iter().any(|&s| s >= total_slots) {
+                candle_core::bail!("block table refers to a block past the cache's {}", cache.num_blocks());
+            }
+            positions.extend(slice.start as u32..end as u32);
+            write_slots.extend_from_slice(&slots[slice.start..]);
+            read_slots.push(Tensor::new(slots, device)?);
+        }
+        Ok(BatchPlan {
+            slices,
+            positions: Tensor::new(positions, device)?,
+            write_slots: Tensor::new(write_slots, device)?,
+            read_slots,
+        })
+    }
+}

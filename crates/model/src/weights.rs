@@ -1,0 +1,380 @@
+//! Reads the checkpoint directory as published: sharded PyTorch pickles or safetensors.
+//!
+//! Tensors are read only when the model asks for them, so weights the forward never uses
+//! (ViT layers past `select_layer`) are never touched. Both formats are memory-mapped: a
+//! pickle shard is a zip archive whose entries are stored uncompressed, so each tensor is a
+//! byte range of the file.
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use memmap2::Mmap;
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// Why a weight could not be had, naming the file and tensor involved.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("no weights in {dir}: expected model.safetensors[.index.json] or pytorch_model.bin[.index.json]")]
+    NoWeights { dir: String },
+    #[error("invalid shard index {path}: {reason}")]
+    Index { path: String, reason: String },
+    #[error("shard {path} is missing (listed in {index})")]
+    MissingShard { path: String, index: String },
+    #[error("cannot read shard {path}: {reason}")]
+    Shard { path: String, reason: String },
+    #[error("tensor `{name}` is not in the checkpoint {dir}")]
+    MissingTensor { name: String, dir: String },
+    #[error("tensor `{name}` is listed for {path} but is not in that file")]
+    NotInShard { name: String, path: String },
+    #[error("tensor `{name}` in {path} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        path: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+}
+
+impl From<WeightsError> for candle_core::Error {
+    fn from(e: WeightsError) -> Self {
+        candle_core::Error::Msg(e.to_string())
+    }
+}
+
+/// The on-disk format of the shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    Safetensors,
+    Pickle,
+}
+
+/// A checkpoint directory's weights, opened lazily shard by shard.
+pub struct Checkpoint {
+    dir: PathBuf,
+    format: WeightFormat,
+    shards: Vec<Shard>,
+    routing: HashMap<String, usize>,
+    loaded: Mutex<BTreeSet<String>>,
+    bytes_loaded: AtomicU64,
+}
+
+struct Shard {
+    path: PathBuf,
+    reader: OnceLock<Result<ShardReader, String>>,
+}
+
+enum ShardReader {
+    Safetensors(candle_core::safetensors::MmapedSafetensors),
+    Pickle(PickleShard),
+}
+
+impl Checkpoint {
+    /// Finds the weights in `dir`, preferring safetensors, and checks every shard exists.
+    pub fn open(dir: &Path) -> Result<Self, WeightsError> {
+        let candidates = [
+            ("model.safetensors.index.json", WeightFormat::Safetensors, true),
+            ("model.safetensors", WeightFormat::Safetensors, false),
+            ("pytorch_model.bin.index.json", WeightFormat::Pickle, true),
+            ("pytorch_model.bin", WeightFormat::Pickle, false),
+        ];
+        let (file, format, indexed) = candidates
+            .into_iter()
+            .find(|(file, _, _)| dir.join(file).is_file())
+            .ok_or_else(|| WeightsError::NoWeights {
+                dir: dir.display().to_string(),
+            })?;
+        let mut checkpoint = Checkpoint {
+            dir: dir.to_path_buf(),
+            format,
+            shards: Vec::new(),
+            routing: HashMap::new(),
+            loaded: Mutex::new(BTreeSet::new()),
+            bytes_loaded: AtomicU64::new(0),
+        };
+        let path = dir.join(file);
+        if indexed {
+            checkpoint.read_index(&path)?;
+        } else {
+            checkpoint.shards.push(Shard::new(path));
+            let names = checkpoint.shards[0].reader()?.names();
+            checkpoint.routing = names.into_iter().map(|n| (n, 0)).collect();
+        }
+        Ok(checkpoint)
+    }
+
+    fn read_index(&mut self, path: &Path) -> Result<(), WeightsError> {
+        let shown = path.display().to_string();
+        let index_error = |reason: String| WeightsError::Index {
+            path: shown.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| index_error(e.to_string()))?;
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| index_error(e.to_string()))?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| index_error("no `weight_map` object".into()))?;
+        let mut shard_ids: HashMap<String, usize> = HashMap::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| index_error(format!("`{name}` maps to a non-string")))?;
+            if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                return Err(index_error(format!("shard name `{file}` is not a plain file name")));
+            }
+            let next = shard_ids.len();
+            let id = *shard_ids.entry(file.to_string()).or_insert(next);
+            self.routing.insert(name.clone(), id);
+        }
+        let mut files: Vec<(usize, String)> = shard_ids.into_iter().map(|(f, i)| (i, f)).collect();
+        files.sort();
+        for (_, file) in files {
+            let shard_path = self.dir.join(&file);
+            if !shard_path.is_file() {
+                return Err(WeightsError::MissingShard {
+                    path: shard_path.display().to_string(),
+                    index: shown.clone(),
+                });
+            }
+            self.shards.push(Shard::new(shard_path));
+        }
+        Ok(())
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Whether the checkpoint lists a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
+    }
+
+    /// Names of all tensors the checkpoint lists.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.routing.keys().map(String::as_str)
+    }
+
+    /// Names of the tensors read so far: what the model really used.
+    pub fn loaded_names(&self) -> Vec<String> {
+        self.loaded.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Bytes of tensor data read so far, as stored on disk.
+    pub fn bytes_loaded(&self) -> u64 {
+        self.bytes_loaded.load(Ordering::Relaxed)
+    }
+
+    /// Reads one tensor as stored (its own dtype, on the CPU).
+    pub fn tensor(&self, name: &str) -> Result<Tensor, WeightsError> {
+        let id = *self
+            .routing
+            .get(name)
+            .ok_or_else(|| WeightsError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.display().to_string(),
+            })?;
+        let shard = &self.shards[id];
+        let tensor = shard.reader()?.load(name).map_err(|e| match e {
+            LoadFailure::Absent => WeightsError::NotInShard {
+                name: name.to_string(),
+                path: shard.path.display().to_string(),
+            },
+            LoadFailure::Other(reason) => WeightsError::Shard {
+                path: shard.path.display().to_string(),
+                reason: format!("tensor `{name}`: {reason}"),
+            },
+        })?;
+        let bytes = (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64;
+        self.bytes_loaded.fetch_add(bytes, Ordering::Relaxed);
+        if let Ok(mut loaded) = self.loaded.lock() {
+            loaded.insert(name.to_string());
+        }
+        Ok(tensor)
+    }
+
+    fn shard_path(&self, name: &str) -> String {
+        self.routing
+            .get(name)
+            .map(|&id| self.shards[id].path.display().to_string())
+            .unwrap_or_else(|| self.dir.display().to_string())
+    }
+}
+
+impl SimpleBackend for Checkpoint {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.tensor(name)?;
+        if tensor.shape() != &shape {
+            return Err(WeightsError::Shape {
+                name: name.to_string(),
+                path: self.shard_path(name),
+                found: tensor.dims().to_vec(),
+                expected: shape.dims().to_vec(),
+            }
+            .into());
+        }
+        tensor.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.tensor(name)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.contains(name)
+    }
+}
+
+impl Shard {
+    fn new(path: PathBuf) -> Self {
+        Shard {
+            path,
+            reader: OnceLock::new(),
+        }
+    }
+
+    fn reader(&self) -> Result<&ShardReader, WeightsError> {
+        self.reader
+            .get_or_init(|| ShardReader::open(&self.path))
+            .as_ref()
+            .map_err(|reason| WeightsError::Shard {
+                path: self.path.display().to_string(),
+                reason: reason.clone(),
+            })
+    }
+}
+
+enum LoadFailure {
+    Absent,
+    Other(String),
+}
+
+impl ShardReader {
+    fn open(path: &Path) -> Result<Self, String> {
+        let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+        if is_safetensors {
+            // SAFETY: the file is mapped read-only; like every loader of mapped weights we
+            // rely on it not being truncated while the server runs.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+                .map_err(|e| e.to_string())?;
+            Ok(ShardReader::Safetensors(st))
+        } else {
+            PickleShard::open(path).map(ShardReader::Pickle)
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        match self {
+            ShardReader::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
+            ShardReader::Pickle(p) => p.tensors.keys().cloned().collect(),
+        }
+    }
+
+    fn load(&self, name: &str) -> Result<Tensor, LoadFailure> {
+        match self {
+            ShardReader::Safetensors(st) => match st.get(name) {
+                Err(_) => Err(LoadFailure::Absent),
+                Ok(view) => candle_core::safetensors::Load::load(&view, &Device::Cpu)
+                    .map_err(|e| LoadFailure::Other(e.to_string())),
+            },
+            ShardReader::Pickle(p) => p.load(name),
+        }
+    }
+}
+
+/// A `torch.save` zip archive, mapped into memory.
+struct PickleShard {
+    mmap: Mmap,
+    tensors: HashMap<String, PickleTensor>,
+}
+
+struct PickleTensor {
+    dtype: DType,
+    dims: Vec<usize>,
+    /// Stored column-major (a transposed view was saved); read reversed, then permuted.
+    fortran_order: bool,
+    bytes: Range<usize>,
+}
+
+impl PickleShard {
+    fn open(path: &Path) -> Result<Self, String> {
+        let infos = candle_core::pickle::read_pth_tensor_info(path, false, None)
+            .map_err(|e| format!("not a PyTorch zip checkpoint: {e}"))?;
+        let file = File::open(path).map_err(|e| e.to_string())?;
+        // SAFETY: see `ShardReader::open`.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| e.to_string())?;
+        let mut archive =
+            zip::ZipArchive::new(std::io::Cursor::new(&mmap[..])).map_err(|e| e.to_string())?;
+        let mut tensors = HashMap::new();
+        for info in infos {
+            let entry = archive
+                .by_name(&info.path)
+                .map_err(|e| format!("entry {} of `{}`: {e}", info.path, info.name))?;
+            if entry.compression() != zip::CompressionMethod::Stored {
+                return Err(format!("entry {} is compressed; torch never does that", info.path));
+            }
+            let start = entry
+                .data_start()
+                .ok_or_else(|| format!("entry {} has no data offset", info.path))?
+                as usize;
+            let size = entry.size() as usize;
+            let elem = info.dtype.size_in_bytes();
+            let layout = &info.layout;
+            let dims = layout.dims().to_vec();
+            let fortran_order = dims.len() > 1 && !layout.is_contiguous();
+            if !layout.is_contiguous() && !layout.is_fortran_contiguous() {
+                return Err(format!("tensor `{}` is stored with strides {:?}", info.name, layout.stride()));
+            }
+            let offset = layout.start_offset() * elem;
+            let len = layout.shape().elem_count() * elem;
+            if offset + len > size {
+                return Err(format!(
+                    "tensor `{}` needs {} bytes at offset {offset}, its storage has {size}",
+                    info.name, len
+                ));
+            }
+            tensors.insert(
+                info.name.clone(),
+                PickleTensor {
+                    dtype: info.dtype,
+                    dims,
+                    fortran_order,
+                    bytes: start + offset..start + offset + len,
+                },
+            );
+        }
+        Ok(PickleShard { mmap, tensors })
+    }
+
+    fn load(&self, name: &str) -> Result<Tensor, LoadFailure> {
+        let t = self.tensors.get(name).ok_or(LoadFailure::Absent)?;
+        let other = |e: candle_core::Error| LoadFailure::Other(e.to_string());
+        let data = &self.mmap[t.bytes.clone()];
+        if t.fortran_order {
+            let reversed: Vec<usize> = t.dims.iter().rev().copied().collect();
+            let order: Vec<usize> = (0..t.dims.len()).rev().collect();
+            Tensor::from_raw_buffer(data, t.dtype, &reversed, &Device::Cpu)
+                .and_then(|x| x.permute(order))
+                .and_then(|x| x.contiguous())
+                .map_err(other)
+        } else {
+            Tensor::from_raw_buffer(data, t.dtype, &t.dims, &Device::Cpu).map_err(other)
+        }
+    }
+}
