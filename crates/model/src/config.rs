@@ -198,14 +198,20 @@ impl InternVlConfig {
         if self.image_size % v.patch_size != 0 {
             return Err(f.invalid(
                 "force_image_size",
-                format!("{} is not a multiple of patch_size {}", self.image_size, v.patch_size),
+                format!(
+                    "{} is not a multiple of patch_size {}",
+                    self.image_size, v.patch_size
+                ),
             ));
         }
         let states = v.num_hidden_layers as i64 + 1;
         if self.select_layer >= states || self.select_layer < -states || self.select_layer == 0 {
             return Err(f.invalid(
                 "select_layer",
-                format!("{} is outside 1..{states} and -{states}..-1", self.select_layer),
+                format!(
+                    "{} is outside 1..{states} and -{states}..-1",
+                    self.select_layer
+                ),
             ));
         }
         let factor = self.shuffle_factor();
@@ -344,7 +350,9 @@ impl Fields<'_> {
             patch_size: self.positive("vision_config.patch_size")?,
             image_size: self.positive("vision_config.image_size")?,
             qkv_bias: self.typed("vision_config.qkv_bias")?.unwrap_or(false),
-            qk_normalization: self.typed("vision_config.qk_normalization")?.unwrap_or(false),
+            qk_normalization: self
+                .typed("vision_config.qk_normalization")?
+                .unwrap_or(false),
             layer_norm_eps: self.float("vision_config.layer_norm_eps")?,
             norm_type,
         })

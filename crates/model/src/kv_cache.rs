@@ -27,9 +27,18 @@ impl PagedKvCache {
         if block_size == 0 || num_blocks == 0 {
             candle_core::bail!("a KV cache needs at least one block of at least one token");
         }
-        let shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim());
+        let shape = (
+            num_blocks * block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+        );
         let layers = (0..cfg.num_hidden_layers)
-            .map(|_| Ok((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?)))
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros(shape, dtype, device)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             block_size,

@@ -95,7 +95,10 @@ impl Attention {
         let q = rotary.apply(&q, &plan.positions)?;
         let k = rotary.apply(&k, &plan.positions)?;
         let k = k.squeeze(0)?.transpose(0, 1)?.contiguous()?; // [t, kv_heads, hd]
-        let v = self.v_proj.forward(xs)?.reshape((t, self.num_kv_heads, hd))?;
+        let v = self
+            .v_proj
+            .forward(xs)?
+            .reshape((t, self.num_kv_heads, hd))?;
         let (k_cache, v_cache) = cache;
         let index = plan
             .write_slots
@@ -131,7 +134,9 @@ impl Attention {
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
             outputs.push(probs.matmul(&v)?); // [heads, len, hd]
         }
-        let out = Tensor::cat(&outputs, 1)?.transpose(0, 1)?.reshape((t, self.num_heads * hd))?;
+        let out = Tensor::cat(&outputs, 1)?
+            .transpose(0, 1)?
+            .reshape((t, self.num_heads * hd))?;
         self.o_proj.forward(&out)
     }
 }
@@ -143,7 +148,15 @@ fn causal_mask(slice: &SequenceSlice, device: &Device) -> Result<Option<Tensor>>
     }
     let ctx = slice.start + slice.len;
     let mask: Vec<f32> = (0..slice.len)
-        .flat_map(|i| (0..ctx).map(move |j| if j > slice.start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..ctx).map(move |j| {
+                if j > slice.start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (1, slice.len, ctx), device).map(Some)
 }
@@ -197,11 +210,13 @@ impl DecoderLayer {
         plan: &BatchPlan,
         cache: (&Tensor, &Tensor),
     ) -> Result<Tensor> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(xs)?, rotary, plan, cache)?;
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(xs)?, rotary, plan, cache)?;
         let xs = (xs + attn)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
         xs + mlp
     }
 }
@@ -289,11 +304,17 @@ impl Llama {
         for slice in slices {
             let end = slice.start + slice.len;
             if end > self.max_positions {
-                candle_core::bail!("position {end} exceeds max_position_embeddings {}", self.max_positions);
+                candle_core::bail!(
+                    "position {end} exceeds max_position_embeddings {}",
+                    self.max_positions
+                );
             }
             let slots = slice.slots(end, cache.block_size())?;
             if slots.iter().any(|&s| s >= total_slots) {
-                candle_core::bail!("block table refers to a block past the cache's {}", cache.num_blocks());
+                candle_core::bail!(
+                    "block table refers to a block past the cache's {}",
+                    cache.num_blocks()
+                );
             }
             positions.extend(slice.start as u32..end as u32);
             write_slots.extend_from_slice(&slots[slice.start..]);

@@ -95,7 +95,13 @@ impl InternVlChat {
 
     /// A KV cache of `num_blocks` blocks of `block_size` tokens for this model.
     pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
-        PagedKvCache::new(&self.config.llm, num_blocks, block_size, self.dtype, &self.device)
+        PagedKvCache::new(
+            &self.config.llm,
+            num_blocks,
+            block_size,
+            self.dtype,
+            &self.device,
+        )
     }
 
     /// Encodes preprocessed images [B, 3, H, W] into LLM embeddings [B, tokens, hidden].
@@ -103,7 +109,11 @@ impl InternVlChat {
         let pixel_values = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
         let hidden = self.vision.forward(&pixel_values)?;
         let patches = hidden.narrow(1, 1, hidden.dim(1)? - 1)?; // drop CLS
-        let shuffled = pixel_shuffle(&patches, self.config.shuffle_factor(), self.config.ps_version)?;
+        let shuffled = pixel_shuffle(
+            &patches,
+            self.config.shuffle_factor(),
+            self.config.ps_version,
+        )?;
         self.projector.forward(&shuffled)
     }
 
@@ -113,7 +123,10 @@ impl InternVlChat {
     pub fn embed(&self, ids: &[u32], image_embeds: Option<&Tensor>) -> Result<Tensor> {
         let id_tensor = Tensor::new(ids, &self.device)?;
         let text = self.llm.embed(&id_tensor)?;
-        let placeholders = ids.iter().filter(|&&id| id == self.image_context_id).count();
+        let placeholders = ids
+            .iter()
+            .filter(|&&id| id == self.image_context_id)
+            .count();
         let provided = match image_embeds {
             Some(e) => e.dim(0)?,
             None => 0,

@@ -13,7 +13,9 @@ pub fn pixel_shuffle(xs: &Tensor, factor: usize, version: PixelShuffleVersion) -
     let (b, n, c) = xs.dims3()?;
     let side = (n as f64).sqrt().round() as usize;
     if side * side != n || side % factor != 0 {
-        candle_core::bail!("pixel shuffle needs a square grid divisible by {factor}, got {n} tokens");
+        candle_core::bail!(
+            "pixel shuffle needs a square grid divisible by {factor}, got {n} tokens"
+        );
     }
     let reduced = side / factor;
     // Upstream names the first grid axis `w` and the second `h`.

@@ -2,7 +2,8 @@
 //!
 //! ` <human>: <img><IMG_CONTEXT>×256</img>\n{question} <bot>:` — the system message (empty
 //! by default) and a space come first; a human turn ends with a space, a bot turn with
-//! `</s>`; an image becomes its own `<img>…</img>` block placed before the turn's text.
+//! `</s>`. Each image of a turn is placed as upstream `chat()` places its one image: an
+//! `<img>…</img>` block and `\n`, before the turn's text (vLLM places several the same way).
 
 /// Opens an image's token block.
 pub const IMG_START: &str = "<img>";
@@ -91,7 +92,10 @@ impl PromptTemplate {
 
     /// The token block one image occupies in the prompt.
     pub fn image_block(&self) -> String {
-        format!("{IMG_START}{}{IMG_END}", IMG_CONTEXT.repeat(self.image_tokens))
+        format!(
+            "{IMG_START}{}{IMG_END}",
+            IMG_CONTEXT.repeat(self.image_tokens)
+        )
     }
 
     /// Renders `messages` and opens the bot's answer (`<bot>:`).
@@ -125,10 +129,7 @@ impl PromptTemplate {
                 }
                 Role::Assistant => (BOT, BOT_SEP),
             };
-            let mut body = self.image_block().repeat(images);
-            if images > 0 {
-                body.push('\n');
-            }
+            let mut body = format!("{}\n", self.image_block()).repeat(images);
             body.push_str(&joined_text(message));
             num_images += images;
             if body.is_empty() {
@@ -204,7 +205,7 @@ mod tests {
         let p = template(1).render(&[msg]).unwrap();
         assert_eq!(
             p.text,
-            " <human>: <img><IMG_CONTEXT></img><img><IMG_CONTEXT></img>\nlook <bot>:"
+            " <human>: <img><IMG_CONTEXT></img>\n<img><IMG_CONTEXT></img>\nlook <bot>:"
         );
         assert_eq!(p.num_images, 2);
     }
@@ -213,9 +214,15 @@ mod tests {
     fn system_message_replaces_the_default() {
         let t = PromptTemplate::new("internvl_zh", "default", 1).unwrap();
         let user = ChatMessage::text(Role::User, "hi");
-        assert_eq!(t.render(&[user.clone()]).unwrap().text, "default <human>: hi <bot>:");
+        assert_eq!(
+            t.render(std::slice::from_ref(&user)).unwrap().text,
+            "default <human>: hi <bot>:"
+        );
         let sys = ChatMessage::text(Role::System, "be brief");
-        assert_eq!(t.render(&[sys, user]).unwrap().text, "be brief <human>: hi <bot>:");
+        assert_eq!(
+            t.render(&[sys, user]).unwrap().text,
+            "be brief <human>: hi <bot>:"
+        );
     }
 
     #[test]

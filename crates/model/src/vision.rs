@@ -82,8 +82,18 @@ impl VisionAttention {
         let c = cfg.hidden_size;
         let (q_norm, k_norm) = if cfg.qk_normalization {
             (
-                Some(Norm::new(cfg.norm_type, c, cfg.layer_norm_eps, vb.pp("q_norm"))?),
-                Some(Norm::new(cfg.norm_type, c, cfg.layer_norm_eps, vb.pp("k_norm"))?),
+                Some(Norm::new(
+                    cfg.norm_type,
+                    c,
+                    cfg.layer_norm_eps,
+                    vb.pp("q_norm"),
+                )?),
+                Some(Norm::new(
+                    cfg.norm_type,
+                    c,
+                    cfg.layer_norm_eps,
+                    vb.pp("k_norm"),
+                )?),
             )
         } else {
             (None, None)
@@ -116,8 +126,8 @@ impl VisionAttention {
         let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
         let scale = (self.head_dim as f64).powf(-0.5);
         let scores = (q * scale)?.matmul(&k.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(v.dtype())?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.proj.forward(&out)
     }

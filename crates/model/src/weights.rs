@@ -76,7 +76,11 @@ impl Checkpoint {
     /// Finds the weights in `dir`, preferring safetensors, and checks every shard exists.
     pub fn open(dir: &Path) -> Result<Self, WeightsError> {
         let candidates = [
-            ("model.safetensors.index.json", WeightFormat::Safetensors, true),
+            (
+                "model.safetensors.index.json",
+                WeightFormat::Safetensors,
+                true,
+            ),
             ("model.safetensors", WeightFormat::Safetensors, false),
             ("pytorch_model.bin.index.json", WeightFormat::Pickle, true),
             ("pytorch_model.bin", WeightFormat::Pickle, false),
@@ -125,7 +129,9 @@ impl Checkpoint {
                 .as_str()
                 .ok_or_else(|| index_error(format!("`{name}` maps to a non-string")))?;
             if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-                return Err(index_error(format!("shard name `{file}` is not a plain file name")));
+                return Err(index_error(format!(
+                    "shard name `{file}` is not a plain file name"
+                )));
             }
             let next = shard_ids.len();
             let id = *shard_ids.entry(file.to_string()).or_insert(next);
@@ -166,7 +172,10 @@ impl Checkpoint {
 
     /// Names of the tensors read so far: what the model really used.
     pub fn loaded_names(&self) -> Vec<String> {
-        self.loaded.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default()
+        self.loaded
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Bytes of tensor data read so far, as stored on disk.
@@ -327,7 +336,10 @@ impl PickleShard {
                 .by_name(&info.path)
                 .map_err(|e| format!("entry {} of `{}`: {e}", info.path, info.name))?;
             if entry.compression() != zip::CompressionMethod::Stored {
-                return Err(format!("entry {} is compressed; torch never does that", info.path));
+                return Err(format!(
+                    "entry {} is compressed; torch never does that",
+                    info.path
+                ));
             }
             let start = entry
                 .data_start()
@@ -339,7 +351,11 @@ impl PickleShard {
             let dims = layout.dims().to_vec();
             let fortran_order = dims.len() > 1 && !layout.is_contiguous();
             if !layout.is_contiguous() && !layout.is_fortran_contiguous() {
-                return Err(format!("tensor `{}` is stored with strides {:?}", info.name, layout.stride()));
+                return Err(format!(
+                    "tensor `{}` is stored with strides {:?}",
+                    info.name,
+                    layout.stride()
+                ));
             }
             let offset = layout.start_offset() * elem;
             let len = layout.shape().elem_count() * elem;

@@ -1,0 +1,23 @@
+//! InternVL-Chat V1.1 on candle.
+//!
+//! Everything needed to turn a conversation with images into logits, faithful to the upstream
+//! release: checkpoint loading, tokenizer, image preprocessing, prompt template and forward.
+//! Knows nothing of HTTP or scheduling.
+
+pub mod config;
+pub mod kv_cache;
+pub mod llama;
+pub mod loader;
+pub mod model;
+pub mod preprocess;
+pub mod projector;
+pub mod prompt;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+
+pub use config::InternVlConfig;
+pub use kv_cache::{PagedKvCache, SequenceSlice};
+pub use loader::{EncodedPrompt, LoadError, LoadedModel};
+pub use model::{default_dtype, InternVlChat};
+pub use weights::Checkpoint;

@@ -1,0 +1,107 @@
+//! Loading a checkpoint directory into everything a chat needs: model, tokenizer, template
+//! and image preprocessing, checked against each other.
+
+use crate::config::{ConfigError, InternVlConfig};
+use crate::model::{default_dtype, InternVlChat};
+use crate::preprocess::{PixelValues, PreprocessConfig};
+use crate::prompt::{ChatMessage, PromptError, PromptTemplate, IMG_CONTEXT};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::weights::{Checkpoint, WeightsError};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// Why a checkpoint directory could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error("the tokenizer has no `{0}` token")]
+    MissingToken(&'static str),
+    #[error("the tokenizer has {tokenizer} tokens but the model's vocabulary only {model}")]
+    VocabMismatch { tokenizer: usize, model: usize },
+    #[error("building the model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// A loaded checkpoint: the model and the text and image front ends that feed it.
+pub struct LoadedModel {
+    pub model: InternVlChat,
+    pub tokenizer: Tokenizer,
+    pub template: PromptTemplate,
+    pub preprocess: PreprocessConfig,
+}
+
+/// A conversation turned into model input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedPrompt {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub num_images: usize,
+}
+
+impl LoadedModel {
+    /// Loads `dir` onto `device`, computing in `dtype` (default: [`default_dtype`]).
+    pub fn load(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Self, LoadError> {
+        let config = InternVlConfig::from_dir(dir)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let image_context_id = tokenizer
+            .token_to_id(IMG_CONTEXT)
+            .ok_or(LoadError::MissingToken(IMG_CONTEXT))?;
+        if tokenizer.vocab_size() > config.llm.vocab_size {
+            return Err(LoadError::VocabMismatch {
+                tokenizer: tokenizer.vocab_size(),
+                model: config.llm.vocab_size,
+            });
+        }
+        let template = PromptTemplate::new(
+            &config.template,
+            config.system_message.clone(),
+            config.num_image_tokens(),
+        )?;
+        let preprocess = PreprocessConfig {
+            image_size: config.image_size as u32,
+            ..PreprocessConfig::default()
+        };
+        let checkpoint = Checkpoint::open(dir)?;
+        let dtype = dtype.unwrap_or_else(|| default_dtype(device));
+        let model = InternVlChat::new(config, checkpoint, image_context_id, dtype, device)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            preprocess,
+        })
+    }
+
+    /// Renders and tokenizes a conversation.
+    pub fn encode_prompt(&self, messages: &[ChatMessage]) -> Result<EncodedPrompt, LoadError> {
+        let prompt = self.template.render(messages)?;
+        let ids = self.tokenizer.encode(&prompt.text)?;
+        Ok(EncodedPrompt {
+            text: prompt.text,
+            ids,
+            num_images: prompt.num_images,
+        })
+    }
+
+    /// Stacks preprocessed images into the vision encoder's input [B, 3, H, W].
+    pub fn pixel_tensor(&self, images: &[PixelValues]) -> candle_core::Result<Tensor> {
+        let tensors = images
+            .iter()
+            .map(|p| {
+                Tensor::from_slice(
+                    &p.data,
+                    (3, p.height as usize, p.width as usize),
+                    &Device::Cpu,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::stack(&tensors, 0)?.to_device(self.model.device())
+    }
+}

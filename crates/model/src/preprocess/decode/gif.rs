@@ -1,0 +1,58 @@
+//! GIF through the `gif` crate with palette indices, so that the first frame can be laid on
+//! its canvas and looked up exactly as Pillow does (`image` composites onto transparent black
+//! instead).
+
+use std::io::Cursor;
+
+use gif::{ColorOutput, DecodeOptions};
+use image::RgbImage;
+
+use super::{check_size, corrupt, rgb_image, DecodeLimits, ImageFormat};
+use crate::preprocess::PreprocessError;
+
+const FORMAT: ImageFormat = ImageFormat::Gif;
+
+pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+    let mut options = DecodeOptions::new();
+    options.set_color_output(ColorOutput::Indexed);
+    let mut decoder = options
+        .read_info(Cursor::new(bytes))
+        .map_err(|e| corrupt(FORMAT, e))?;
+    let screen = (u32::from(decoder.width()), u32::from(decoder.height()));
+    // Only the frame's descriptor is read here; its pixels wait for the size check.
+    let frame = decoder
+        .next_frame_info()
+        .map_err(|e| corrupt(FORMAT, e))?
+        .ok_or_else(|| corrupt(FORMAT, "no image in the file"))?;
+    let (left, top) = (usize::from(frame.left), usize::from(frame.top));
+    let (frame_w, frame_h) = (usize::from(frame.width), usize::from(frame.height));
+    // Pillow grows the canvas to hold a first frame that overhangs the logical screen.
+    let width = screen.0.max((left + frame_w) as u32);
+    let height = screen.1.max((top + frame_h) as u32);
+    let pixels = check_size(FORMAT, width.into(), height.into(), limits)?;
+    // Pillow's canvas starts as the transparent index if the frame has one, else index 0.
+    let background = frame.transparent.unwrap_or(0);
+    let mut indices = vec![0u8; frame_w * frame_h];
+    decoder
+        .read_into_buffer(&mut indices)
+        .map_err(|e| corrupt(FORMAT, e))?;
+    let mut canvas = vec![background; pixels];
+    if frame_w > 0 {
+        let rows = canvas.chunks_exact_mut(width as usize).skip(top);
+        for (row, src) in rows.zip(indices.chunks_exact(frame_w)) {
+            row[left..left + frame_w].copy_from_slice(src);
+        }
+    }
+    let palette = decoder.palette().map_err(|e| corrupt(FORMAT, e))?;
+    // Indices past the end of the palette are black in Pillow's zero-filled palette.
+    let rgb = canvas
+        .iter()
+        .flat_map(|&i| {
+            let at = usize::from(i) * 3;
+            palette
+                .get(at..at + 3)
+                .map_or([0; 3], |c| [c[0], c[1], c[2]])
+        })
+        .collect();
+    Ok(rgb_image(width, height, rgb))
+}

@@ -1,0 +1,67 @@
+//! PNG through the `png` crate, which (unlike `image`) reports the file's own colour type and
+//! bit depth: Pillow treats 16-bit grey differently from 16-bit grey+alpha, and both come out
+//! of the decoder as 16-bit grey+alpha when a grey image has a tRNS chunk.
+
+use std::io::Cursor;
+
+use image::RgbImage;
+use png::{BitDepth, ColorType, Transformations};
+
+use super::{check_size, corrupt, grey_to_rgb, rgb_image, rgbx_to_rgb, DecodeLimits, ImageFormat};
+use crate::preprocess::PreprocessError;
+
+const FORMAT: ImageFormat = ImageFormat::Png;
+
+pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+    let mut decoder = png::Decoder::new(Cursor::new(bytes));
+    let header = decoder.read_header_info().map_err(|e| corrupt(FORMAT, e))?;
+    let (width, height) = (header.width, header.height);
+    check_size(FORMAT, width.into(), height.into(), limits)?;
+    let source_colour = header.color_type;
+    // Palette to RGB(A), 1/2/4-bit grey scaled to 8 bits (×255, ×85, ×17 like Pillow's
+    // unpackers) and tRNS to an alpha channel, which is then dropped; 16 bits stay 16 bits.
+    decoder.set_transformations(Transformations::EXPAND);
+    let mut reader = decoder.read_info().map_err(|e| corrupt(FORMAT, e))?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| corrupt(FORMAT, "image too large for this platform"))?;
+    let mut samples = vec![0; size];
+    let frame = reader
+        .next_frame(&mut samples)
+        .map_err(|e| corrupt(FORMAT, e))?;
+    samples.truncate(frame.buffer_size());
+    let rgb = match (frame.color_type, frame.bit_depth) {
+        (ColorType::Grayscale, BitDepth::Sixteen) => grey16_to_rgb(&samples, 2),
+        // Grey with tRNS is still Pillow's "I;16", only the decoder added the alpha.
+        (ColorType::GrayscaleAlpha, BitDepth::Sixteen) if source_colour == ColorType::Grayscale => {
+            grey16_to_rgb(&samples, 4)
+        }
+        // True grey+alpha is unpacked as "LA;16B": the high byte (first, big-endian) is kept.
+        (ColorType::GrayscaleAlpha, BitDepth::Sixteen) => grey_to_rgb(&samples, 4),
+        (ColorType::Rgb, BitDepth::Sixteen) => high_bytes_rgb(&samples, 6),
+        (ColorType::Rgba, BitDepth::Sixteen) => high_bytes_rgb(&samples, 8),
+        (ColorType::Grayscale, _) => grey_to_rgb(&samples, 1),
+        (ColorType::GrayscaleAlpha, _) => grey_to_rgb(&samples, 2),
+        (ColorType::Rgb, _) => rgbx_to_rgb(&samples, 3),
+        (ColorType::Rgba, _) => rgbx_to_rgb(&samples, 4),
+        (ColorType::Indexed, _) => return Err(corrupt(FORMAT, "palette was not expanded")),
+    };
+    Ok(rgb_image(width, height, rgb))
+}
+
+/// Pillow opens 16-bit grey as "I;16", whose conversion to RGB clamps: `min(v, 255)`, so
+/// anything but very dark values becomes white.
+fn grey16_to_rgb(samples: &[u8], stride: usize) -> Vec<u8> {
+    samples
+        .chunks_exact(stride)
+        .flat_map(|px| [u16::from_be_bytes([px[0], px[1]]).min(255) as u8; 3])
+        .collect()
+}
+
+/// Pillow unpacks 16-bit RGB(A) ("RGB;16B", "RGBA;16B") by keeping each sample's high byte.
+fn high_bytes_rgb(samples: &[u8], stride: usize) -> Vec<u8> {
+    samples
+        .chunks_exact(stride)
+        .flat_map(|px| [px[0], px[2], px[4]])
+        .collect()
+}
