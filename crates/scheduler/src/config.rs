@@ -1,0 +1,55 @@
+//! Engine settings.
+
+/// Sizes and budgets of the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// KV-cache blocks the runner allocated.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Most sequences in one step.
+    pub max_num_seqs: usize,
+    /// Most tokens (prefill chunks plus decodes) in one step.
+    pub max_num_batched_tokens: usize,
+    /// Most tokens (prompt plus generated) of one sequence.
+    pub max_model_len: usize,
+    /// Most images the vision encoder runs in one step.
+    pub max_images_per_step: usize,
+    /// Memory for cached encoder outputs.
+    pub encoder_cache_bytes: usize,
+    pub enable_prefix_caching: bool,
+}
+
+impl EngineConfig {
+    /// Defaults as vLLM's, for a cache of `num_blocks` blocks of `block_size` tokens.
+    pub fn new(num_blocks: usize, block_size: usize, max_model_len: usize) -> Self {
+        Self {
+            num_blocks,
+            block_size,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            max_model_len,
+            max_images_per_step: 8,
+            encoder_cache_bytes: 256 << 20,
+            enable_prefix_caching: true,
+        }
+    }
+
+    /// Rejects settings under which the engine could not make progress.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("num_blocks", self.num_blocks),
+            ("block_size", self.block_size),
+            ("max_num_seqs", self.max_num_seqs),
+            ("max_num_batched_tokens", self.max_num_batched_tokens),
+            ("max_model_len", self.max_model_len),
+            ("max_images_per_step", self.max_images_per_step),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}

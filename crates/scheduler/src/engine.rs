@@ -1,0 +1,136 @@
+//! The step loop on its own thread, and the handle callers submit requests through.
+
+use crate::config::EngineConfig;
+use crate::request::{Event, Request};
+use crate::runner::ModelRunner;
+use crate::scheduler::{validate, Scheduler, SubmitError};
+use crate::stats::EngineStats;
+use std::sync::mpsc::{channel, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+enum Command<P> {
+    Add(Request<P>, UnboundedSender<Event>),
+}
+
+/// The events of one request. Dropping it cancels the request at the next step.
+pub struct RequestStream {
+    events: UnboundedReceiver<Event>,
+}
+
+impl RequestStream {
+    /// The next event; `None` after the last.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The next event, blocking the thread (not for async code).
+    pub fn next_blocking(&mut self) -> Option<Event> {
+        self.events.blocking_recv()
+    }
+}
+
+/// A running engine. Dropping it lets the step thread finish the requests it has, then stop.
+pub struct Engine<P> {
+    commands: Option<Sender<Command<P>>>,
+    config: EngineConfig,
+    stats: Arc<Mutex<EngineStats>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<P: Send + Sync + 'static> Engine<P> {
+    /// Starts the step thread, which owns `runner` from now on.
+    pub fn start<R: ModelRunner<Pixels = P>>(
+        runner: R,
+        config: EngineConfig,
+    ) -> Result<Self, String> {
+        config.validate()?;
+        let (tx, rx) = channel::<Command<P>>();
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
+        let shared = stats.clone();
+        let thread_config = config.clone();
+        let thread = std::thread::Builder::new()
+            .name("engine-step".into())
+            .spawn(move || {
+                let mut scheduler = Scheduler::new(runner, thread_config);
+                let mut open = true;
+                loop {
+                    while open {
+                        match rx.try_recv() {
+                            Ok(Command::Add(request, events)) => {
+                                add(&mut scheduler, request, events)
+                            }
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => open = false,
+                        }
+                    }
+                    if !scheduler.has_work() {
+                        if !open {
+                            break;
+                        }
+                        match rx.recv() {
+                            Ok(Command::Add(request, events)) => {
+                                add(&mut scheduler, request, events)
+                            }
+                            Err(_) => open = false,
+                        }
+                        continue;
+                    }
+                    scheduler.step();
+                    if let Ok(mut s) = shared.lock() {
+                        *s = scheduler.stats().clone();
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        Ok(Self {
+            commands: Some(tx),
+            config,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a request, or refuses it at once if it could never complete.
+    pub fn submit(&self, request: Request<P>) -> Result<RequestStream, SubmitError> {
+        validate(&self.config, &request)?;
+        let (tx, rx) = unbounded_channel();
+        self.commands
+            .as_ref()
+            .ok_or(SubmitError::Stopped)?
+            .send(Command::Add(request, tx))
+            .map_err(|_| SubmitError::Stopped)?;
+        Ok(RequestStream { events: rx })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The engine's counters as of its last step.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+fn add<R: ModelRunner>(
+    scheduler: &mut Scheduler<R>,
+    request: Request<R::Pixels>,
+    events: UnboundedSender<Event>,
+) {
+    if let Err(e) = scheduler.add(request, events.clone()) {
+        let _ = events.send(Event::Error {
+            message: e.to_string(),
+        });
+    }
+}
+
+impl<P> Drop for Engine<P> {
+    fn drop(&mut self) {
+        self.commands.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The small interface through which the engine drives a model.
+
+use std::ops::Range;
+
+/// A model failure; the requests of the failed step get it as their error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RunnerError(pub String);
+
+/// One sequence's share of a forward: `tokens` at positions `start..start + tokens.len()`.
+pub struct ForwardSeq<'a, E> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    /// Cache blocks covering positions `0..start + tokens.len()`, in order.
+    pub block_table: Vec<u32>,
+    /// Whether to return logits for the last token.
+    pub wants_logits: bool,
+    /// For each image with placeholders among `tokens`, in order: its embeddings and the rows
+    /// of them that fill those placeholders.
+    pub images: Vec<(&'a E, Range<usize>)>,
+}
+
+/// A model that encodes images and runs batched forwards over a paged KV cache it owns.
+pub trait ModelRunner: Send + 'static {
+    /// Preprocessed image input.
+    type Pixels: Send + Sync + 'static;
+    /// Encoder output of one image.
+    type ImageEmbeds: Send + Sync + 'static;
+
+    /// Encodes several images in one batch.
+    fn encode_images(
+        &mut self,
+        images: &[&Self::Pixels],
+    ) -> Result<Vec<Self::ImageEmbeds>, RunnerError>;
+
+    /// Memory one encoder output takes, for the encoder cache's budget.
+    fn embeds_bytes(&self, embeds: &Self::ImageEmbeds) -> usize;
+
+    /// Runs the batch, writing its keys and values into the blocks; returns one logits row per
+    /// sequence that wants them, in batch order.
+    fn forward(
+        &mut self,
+        batch: &[ForwardSeq<'_, Self::ImageEmbeds>],
+    ) -> Result<Vec<Vec<f32>>, RunnerError>;
+}

@@ -1,0 +1,93 @@
+//! One request's state inside the engine.
+
+use crate::block_pool::{Block, BlockHash};
+use crate::prefix_hash::{block_hash, ImagePart};
+use crate::request::{Event, ImageInput, RequestTimings, StopParams};
+use crate::sampling::Sampler;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// An image of the sequence and, once encoded, its embeddings.
+pub(crate) struct SeqImage<P, E> {
+    pub input: ImageInput<P>,
+    pub embeds: Option<Arc<E>>,
+}
+
+impl<P, E> SeqImage<P, E> {
+    pub fn range(&self) -> Range<usize> {
+        self.input.offset..self.input.offset + self.input.num_tokens
+    }
+}
+
+pub(crate) struct Sequence<P, E> {
+    /// Prompt then generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub images: Vec<SeqImage<P, E>>,
+    /// Leading tokens whose keys and values are in `blocks`.
+    pub computed: usize,
+    pub blocks: Vec<Block>,
+    /// Chained hashes of the full blocks of `tokens`, computed as needed.
+    pub hashes: Vec<BlockHash>,
+    /// Full blocks already registered in the prefix cache.
+    pub registered: usize,
+    pub sampler: Sampler,
+    pub stop: StopParams,
+    pub events: UnboundedSender<Event>,
+    pub cached_tokens: usize,
+    pub arrival: Instant,
+    pub first_scheduled: Option<Instant>,
+    pub last_token: Option<Instant>,
+    pub timings: RequestTimings,
+}
+
+impl<P, E> Sequence<P, E> {
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens still to run through the model before the next token can be sampled.
+    pub fn remaining(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(tokens: usize, block_size: usize) -> usize {
+        tokens.div_ceil(block_size)
+    }
+
+    /// Whether the caller dropped its stream.
+    pub fn is_abandoned(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// Extends `hashes` to cover the first `full_blocks` blocks.
+    pub fn hash_blocks(&mut self, full_blocks: usize, block_size: usize) {
+        while self.hashes.len() < full_blocks {
+            let b = self.hashes.len();
+            let span = b * block_size..(b + 1) * block_size;
+            let parts: Vec<ImagePart> = self
+                .images
+                .iter()
+                .filter(|img| img.range().start < span.end && span.start < img.range().end)
+                .map(|img| {
+                    let first_row = span.start.max(img.input.offset) - img.input.offset;
+                    (img.input.content_hash, first_row)
+                })
+                .collect();
+            let parent = self.hashes.last().copied();
+            self.hashes
+                .push(block_hash(parent, &self.tokens[span], &parts));
+        }
+    }
+
+    /// Drops every block (preemption): the sequence will be recomputed from scratch.
+    pub fn reset(&mut self) {
+        self.blocks.clear();
+        self.computed = 0;
+        self.registered = 0;
+        self.timings.preemptions += 1;
+    }
+}

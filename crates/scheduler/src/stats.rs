@@ -1,0 +1,27 @@
+//! Engine-wide counters and gauges the server exports.
+
+use std::time::Duration;
+
+/// A snapshot of the engine, updated after every step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub blocks_used: usize,
+    pub blocks_total: usize,
+    pub preemptions: u64,
+    /// Prefix-cache block lookups and hits.
+    pub prefix_queries: u64,
+    pub prefix_hits: u64,
+    /// Encoder-cache lookups and hits.
+    pub image_cache_queries: u64,
+    pub image_cache_hits: u64,
+    pub images_encoded: u64,
+    /// Time spent in the vision encoder.
+    pub encode_time: Duration,
+    pub steps: u64,
+    pub tokens_last_step: usize,
+    pub finished: u64,
+    pub aborted: u64,
+    pub failed: u64,
+}

@@ -1,0 +1,458 @@
+//! Engine tests with a fake model whose every output depends on the whole KV cache content
+//! it reads through the block table, so any misplaced block, stale slot or wrong image row
+//! changes the tokens.
+
+use internvl_scheduler::runner::{ForwardSeq, ModelRunner, RunnerError};
+use internvl_scheduler::scheduler::Scheduler;
+use internvl_scheduler::{
+    EngineConfig, Event, FinishReason, ImageInput, Request, SamplingParams, StopParams, Usage,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+pub const IMAGE_TOKEN: u32 = 999;
+pub const EOS: u32 = 2;
+const VOCAB: usize = 64;
+
+fn mix(a: u64, b: u64) -> u64 {
+    let x = (a ^ b.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^ (x >> 29)
+}
+
+/// Writes a value per token into its cache slot; a sequence's logits hash every slot it reads.
+pub struct FakeRunner {
+    slots: Vec<u64>,
+    block_size: usize,
+    pub encoded: Arc<std::sync::atomic::AtomicUsize>,
+    pub fail_forward_every: Option<usize>,
+    forwards: usize,
+}
+
+impl FakeRunner {
+    pub fn new(config: &EngineConfig) -> Self {
+        Self {
+            slots: vec![0; config.num_blocks * config.block_size],
+            block_size: config.block_size,
+            encoded: Default::default(),
+            fail_forward_every: None,
+            forwards: 0,
+        }
+    }
+}
+
+impl ModelRunner for FakeRunner {
+    type Pixels = u64;
+    type ImageEmbeds = Vec<u64>;
+
+    fn encode_images(&mut self, images: &[&u64]) -> Result<Vec<Vec<u64>>, RunnerError> {
+        self.encoded
+            .fetch_add(images.len(), std::sync::atomic::Ordering::Relaxed);
+        Ok(images
+            .iter()
+            .map(|&&seed| (0..1000).map(|row| mix(seed, row)).collect())
+            .collect())
+    }
+
+    fn embeds_bytes(&self, embeds: &Vec<u64>) -> usize {
+        embeds.len() * 8
+    }
+
+    fn forward(
+        &mut self,
+        batch: &[ForwardSeq<'_, Vec<u64>>],
+    ) -> Result<Vec<Vec<f32>>, RunnerError> {
+        self.forwards += 1;
+        if let Some(every) = self.fail_forward_every {
+            if self.forwards % every == 0 {
+                return Err(RunnerError("injected failure".into()));
+            }
+        }
+        let bs = self.block_size;
+        let mut out = Vec::new();
+        for seq in batch {
+            let mut rows = seq
+                .images
+                .iter()
+                .flat_map(|(embeds, range)| embeds[range.clone()].iter().copied());
+            for (k, &token) in seq.tokens.iter().enumerate() {
+                let pos = seq.start + k;
+                let image_row = if token == IMAGE_TOKEN {
+                    rows.next().expect("an embedding row for every image token")
+                } else {
+                    0
+                };
+                let slot = seq.block_table[pos / bs] as usize * bs + pos % bs;
+                self.slots[slot] = mix(mix(pos as u64, token as u64), image_row);
+            }
+            assert!(rows.next().is_none(), "more image rows than placeholders");
+            if seq.wants_logits {
+                let end = seq.start + seq.tokens.len();
+                let h = (0..end).fold(0u64, |h, pos| {
+                    mix(
+                        h,
+                        self.slots[seq.block_table[pos / bs] as usize * bs + pos % bs],
+                    )
+                });
+                let mut logits = vec![0.0f32; VOCAB];
+                logits[(h % VOCAB as u64) as usize] = 10.0;
+                out.push(logits);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A prompt of `len` tokens with an image of `image_tokens` placeholders at `offset`.
+pub fn request(
+    rng: &mut StdRng,
+    len: usize,
+    images: &[(usize, usize, u64)],
+    max_tokens: usize,
+) -> Request<u64> {
+    let mut prompt: Vec<u32> = (0..len)
+        .map(|_| rng.random_range(3..VOCAB as u32))
+        .collect();
+    let images = images
+        .iter()
+        .map(|&(offset, n, seed)| {
+            prompt[offset..offset + n].fill(IMAGE_TOKEN);
+            ImageInput {
+                offset,
+                num_tokens: n,
+                content_hash: seed,
+                pixels: Arc::new(seed),
+            }
+        })
+        .collect();
+    Request {
+        prompt,
+        images,
+        sampling: SamplingParams::default(),
+        stop: StopParams {
+            max_tokens,
+            eos_token_id: Some(EOS),
+            ignore_eos: false,
+        },
+    }
+}
+
+fn clone_request(r: &Request<u64>) -> Request<u64> {
+    Request {
+        prompt: r.prompt.clone(),
+        images: r
+            .images
+            .iter()
+            .map(|i| ImageInput {
+                offset: i.offset,
+                num_tokens: i.num_tokens,
+                content_hash: i.content_hash,
+                pixels: i.pixels.clone(),
+            })
+            .collect(),
+        sampling: r.sampling.clone(),
+        stop: r.stop.clone(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Outcome {
+    tokens: Vec<u32>,
+    reason: Option<FinishReason>,
+    usage: Usage,
+    error: Option<String>,
+}
+
+fn collect(rx: &mut UnboundedReceiver<Event>) -> Outcome {
+    let mut outcome = Outcome {
+        tokens: Vec::new(),
+        reason: None,
+        usage: Usage::default(),
+        error: None,
+    };
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            Event::Token { id } => outcome.tokens.push(id),
+            Event::Finished { reason, usage, .. } => {
+                outcome.reason = Some(reason);
+                outcome.usage = usage;
+            }
+            Event::Error { message } => outcome.error = Some(message),
+        }
+    }
+    outcome
+}
+
+fn run_alone(config: &EngineConfig, req: &Request<u64>) -> Outcome {
+    let mut config = config.clone();
+    config.num_blocks = 512;
+    let mut s = Scheduler::new(FakeRunner::new(&config), config);
+    let (tx, mut rx) = unbounded_channel();
+    s.add(clone_request(req), tx).unwrap();
+    while s.has_work() {
+        s.step();
+    }
+    collect(&mut rx)
+}
+
+fn mixed_workload(rng: &mut StdRng, n: usize) -> Vec<Request<u64>> {
+    let shared_prefix: Vec<u32> = (0..40).map(|_| rng.random_range(3..VOCAB as u32)).collect();
+    (0..n)
+        .map(|i| {
+            let len = rng.random_range(80..200);
+            let images: Vec<(usize, usize, u64)> = match i % 4 {
+                0 => vec![],
+                1 => vec![(5, 32, rng.random_range(0..3))],
+                2 => vec![(3, 20, rng.random_range(0..3)), (40, 32, 7)],
+                _ => vec![(10, 16, 1)],
+            };
+            let max_tokens = rng.random_range(1..40);
+            let mut r = request(rng, len, &images, max_tokens);
+            if i % 3 == 0 {
+                // A shared text prefix (where no image lies) exercises prefix caching.
+                let keep = images.first().map_or(len.min(40), |img| img.0).min(len);
+                r.prompt[..keep].copy_from_slice(&shared_prefix[..keep]);
+            }
+            r
+        })
+        .collect()
+}
+
+/// Each request yields exactly what it yields alone, whatever the batch, the arrival step,
+/// the chunking, preemption (a pool too small for all) and prefix caching.
+#[test]
+fn batch_invariance_under_preemption_and_prefix_caching() {
+    for (prefix_caching, num_blocks, budget) in [
+        (false, 512, 2048),
+        (true, 512, 64),
+        (false, 40, 96),
+        (true, 40, 2048),
+        (true, 32, 37),
+    ] {
+        let mut rng = StdRng::seed_from_u64(num_blocks as u64 + budget as u64);
+        let mut config = EngineConfig::new(num_blocks, 8, 4096);
+        config.enable_prefix_caching = prefix_caching;
+        config.max_num_batched_tokens = budget;
+        config.max_images_per_step = 2;
+        let requests = mixed_workload(&mut rng, 32);
+        let alone: Vec<Outcome> = requests.iter().map(|r| run_alone(&config, r)).collect();
+
+        let mut s = Scheduler::new(FakeRunner::new(&config), config.clone());
+        let mut arrivals: Vec<usize> = (0..requests.len())
+            .map(|_| rng.random_range(0..30))
+            .collect();
+        arrivals.sort();
+        let mut streams = Vec::new();
+        let mut next = 0;
+        let mut step = 0;
+        while next < requests.len() || s.has_work() {
+            while next < requests.len() && arrivals[next] <= step {
+                let (tx, rx) = unbounded_channel();
+                s.add(clone_request(&requests[next]), tx).unwrap();
+                streams.push(rx);
+                next += 1;
+            }
+            s.step();
+            step += 1;
+            assert!(step < 100_000, "no progress");
+        }
+        let stats = s.stats().clone();
+        for (i, rx) in streams.iter_mut().enumerate() {
+            let got = collect(rx);
+            assert_eq!(
+                got.tokens, alone[i].tokens,
+                "request {i} ({num_blocks} blocks, budget {budget})"
+            );
+            assert_eq!(got.reason, alone[i].reason);
+        }
+        assert_eq!(s.free_blocks(), num_blocks, "every block back");
+        if num_blocks < 100 {
+            assert!(
+                stats.preemptions > 0,
+                "the small pool must force preemption"
+            );
+        }
+        if prefix_caching {
+            assert!(stats.prefix_hits > 0, "shared prefixes must hit");
+        }
+        println!(
+            "{num_blocks} blocks, budget {budget}, prefix caching {prefix_caching}: {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn same_text_different_images_never_share_blocks() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let config = EngineConfig::new(64, 8, 1024);
+    let mut s = Scheduler::new(FakeRunner::new(&config), config.clone());
+    let a = request(&mut rng, 64, &[(8, 32, 100)], 1);
+    let mut b = clone_request(&a);
+    b.images[0].content_hash = 200;
+    b.images[0].pixels = Arc::new(200);
+    let same = clone_request(&a);
+    let mut results = Vec::new();
+    for r in [a, b, same] {
+        let (tx, mut rx) = unbounded_channel();
+        s.add(r, tx).unwrap();
+        while s.has_work() {
+            s.step();
+        }
+        results.push(collect(&mut rx));
+    }
+    // Blocks before the image (tokens 0..8) are shared; none from the image on.
+    assert_eq!(results[1].usage.cached_tokens, 8);
+    assert_ne!(results[1].tokens, results[0].tokens);
+    assert_eq!(
+        results[2].usage.cached_tokens, 56,
+        "all full blocks but the last token's"
+    );
+    assert_eq!(results[2].tokens, results[0].tokens);
+    assert_eq!(
+        s.stats().images_encoded,
+        2,
+        "the cached prefix covers the third's image"
+    );
+    // The same image after different text misses the prefix cache but hits the encoder cache.
+    let mut d = request(&mut rng, 64, &[(8, 32, 100)], 1);
+    d.prompt[0] = 1;
+    let (tx, _rx) = unbounded_channel();
+    s.add(d, tx).unwrap();
+    while s.has_work() {
+        s.step();
+    }
+    assert_eq!(s.stats().image_cache_hits, 1);
+    assert_eq!(s.stats().images_encoded, 2);
+}
+
+#[test]
+fn chunked_prefill_respects_the_token_budget() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let mut config = EngineConfig::new(64, 8, 1024);
+    config.max_num_batched_tokens = 50;
+    let mut s = Scheduler::new(FakeRunner::new(&config), config.clone());
+    let r = request(&mut rng, 300, &[(100, 64, 5)], 3);
+    let expected = run_alone(&EngineConfig::new(64, 8, 1024), &r);
+    let (tx, mut rx) = unbounded_channel();
+    s.add(r, tx).unwrap();
+    let mut steps = 0;
+    while s.has_work() {
+        s.step();
+        assert!(s.stats().tokens_last_step <= 50);
+        steps += 1;
+    }
+    assert_eq!(steps, 6 + 2, "300 tokens in chunks of 50, then 2 decodes");
+    assert_eq!(collect(&mut rx).tokens, expected.tokens);
+}
+
+#[test]
+fn dropping_the_stream_aborts_and_frees_blocks() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut config = EngineConfig::new(64, 8, 1024);
+    config.enable_prefix_caching = false;
+    let mut s = Scheduler::new(FakeRunner::new(&config), config.clone());
+    let mut r = request(&mut rng, 40, &[], 100);
+    r.stop.eos_token_id = None;
+    let (tx, rx) = unbounded_channel();
+    s.add(r, tx).unwrap();
+    for _ in 0..5 {
+        s.step();
+    }
+    assert!(s.free_blocks() < 64);
+    drop(rx);
+    s.step();
+    assert!(!s.has_work());
+    assert_eq!(s.free_blocks(), 64);
+    assert_eq!(s.stats().aborted, 1);
+}
+
+#[test]
+fn impossible_requests_are_refused_at_once() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let config = EngineConfig::new(4, 8, 100);
+    let mut s = Scheduler::new(FakeRunner::new(&config), config.clone());
+    let (tx, _rx) = unbounded_channel();
+    let too_long = request(&mut rng, 90, &[], 20);
+    assert!(s
+        .add(too_long, tx.clone())
+        .unwrap_err()
+        .to_string()
+        .contains("exceeds"));
+    let too_big = request(&mut rng, 30, &[], 10);
+    assert!(s
+        .add(too_big, tx.clone())
+        .unwrap_err()
+        .to_string()
+        .contains("blocks"));
+    let mut bad_image = request(&mut rng, 10, &[], 1);
+    bad_image.images.push(ImageInput {
+        offset: 8,
+        num_tokens: 4,
+        content_hash: 0,
+        pixels: Arc::new(0),
+    });
+    assert!(s
+        .add(bad_image, tx)
+        .unwrap_err()
+        .to_string()
+        .contains("image 0"));
+}
+
+/// Thousands of random requests with cancellations, preemptions and model failures: every
+/// block comes back and every request ends exactly once.
+#[test]
+fn no_block_leaks_under_random_load() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for round in 0..4 {
+        let mut config = EngineConfig::new(rng.random_range(20..60), 4, 512);
+        config.enable_prefix_caching = round % 2 == 0;
+        config.max_num_batched_tokens = rng.random_range(16..200);
+        config.max_num_seqs = rng.random_range(1..20);
+        let mut runner = FakeRunner::new(&config);
+        runner.fail_forward_every = Some(rng.random_range(20..60));
+        let mut s = Scheduler::new(runner, config.clone());
+        let mut live: Vec<Option<UnboundedReceiver<Event>>> = Vec::new();
+        let mut submitted = 0;
+        for _ in 0..2000 {
+            if rng.random_bool(0.3) && submitted < 800 {
+                let len = rng.random_range(1..60);
+                let images = if len > 20 && rng.random_bool(0.5) {
+                    vec![(rng.random_range(0..len - 16), 16, rng.random_range(0..4))]
+                } else {
+                    vec![]
+                };
+                let max_tokens = rng.random_range(1..30);
+                let r = request(&mut rng, len, &images, max_tokens);
+                let (tx, rx) = unbounded_channel();
+                if s.add(r, tx).is_ok() {
+                    live.push(Some(rx));
+                    submitted += 1;
+                }
+            }
+            if rng.random_bool(0.05) && !live.is_empty() {
+                let i = rng.random_range(0..live.len());
+                live[i] = None;
+            }
+            s.step();
+        }
+        while s.has_work() {
+            s.step();
+        }
+        assert_eq!(
+            s.free_blocks(),
+            config.num_blocks,
+            "round {round}: blocks leaked"
+        );
+        for rx in live.iter_mut().flatten() {
+            let mut ends = 0;
+            while let Ok(event) = rx.try_recv() {
+                if matches!(event, Event::Finished { .. } | Event::Error { .. }) {
+                    ends += 1;
+                }
+            }
+            assert_eq!(ends, 1, "every live request ends exactly once");
+        }
+        assert!(submitted > 400);
+    }
+}
