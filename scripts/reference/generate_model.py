@@ -57,6 +57,13 @@ repository root:
 
     pip install -r scripts/reference/requirements.txt
     python3 scripts/reference/generate_model.py
+
+Model sizes come from the `PRESETS` table. The default preset `tiny` is the one above. The
+preset `bench` writes ONLY a larger checkpoint (vision 256 hidden x 10 layers, LLM 512 hidden x 8
+layers, same layout, same weight-scaling rules, tokenizer files copied from --tokenizer-dir,
+default models/demo-internvl), for scripts/bench; it writes no fixtures and no images:
+
+    python3 scripts/reference/generate_model.py --preset bench --model-dir target/bench-model
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ import argparse
 import json
 import math
 import re
+import shutil
 import sys
 import types
 from collections import OrderedDict
@@ -107,30 +115,66 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ---------------------------------------------------------------------------------------------
-# Model dimensions (tiny, V1.1-shaped)
+# Model dimensions: one table of presets, V1.1-shaped
 # ---------------------------------------------------------------------------------------------
-VISION = dict(
-    hidden_size=64,
-    num_attention_heads=4,
-    intermediate_size=128,
-    num_hidden_layers=6,
-    patch_size=14,
-    image_size=448,
-    layer_norm_eps=1e-6,
-)
 SELECT_LAYER = -4
 DOWNSAMPLE_RATIO = 0.5
 FORCE_IMAGE_SIZE = 448
-LLM = dict(
-    hidden_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_hidden_layers=2,
-    intermediate_size=160,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    max_position_embeddings=2048,
-)
+# shared by every preset
+VISION_COMMON = dict(patch_size=14, image_size=448, layer_norm_eps=1e-6)
+LLM_COMMON = dict(rms_norm_eps=1e-6, rope_theta=10000.0)
+# The projector is always LayerNorm(4 * vision hidden) -> Linear(4 * vision hidden, llm hidden)
+# -> GELU -> Linear(llm hidden, llm hidden); the LLM vocabulary always comes from the tokenizer.
+PRESETS = {
+    # the reference-fixture model (models/demo-internvl + tests/fixtures/reference)
+    "tiny": dict(
+        vision=dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=6),
+        llm=dict(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            intermediate_size=160,
+            max_position_embeddings=2048,
+        ),
+    ),
+    # a larger checkpoint for throughput benchmarks (scripts/bench); no fixtures
+    "bench": dict(
+        vision=dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, num_hidden_layers=10),
+        llm=dict(
+            hidden_size=512,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            num_hidden_layers=8,
+            intermediate_size=1376,
+            max_position_embeddings=2048,
+        ),
+    ),
+}
+
+
+class Dims:
+    """Model sizes: `vision` (InternViT) and `llm` (LLaMA) dicts, keyed like the configs."""
+
+    def __init__(self, vision: dict, llm: dict):
+        self.vision = {**VISION_COMMON, **vision}
+        self.llm = {**LLM_COMMON, **llm}
+
+    @classmethod
+    def preset(cls, name: str) -> "Dims":
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_upstream_config(cls, cfg: dict) -> "Dims":
+        """Sizes of an original-layout checkpoint, from its upstream `config.json` (the inverse
+        of `upstream_config_json`; the fixed choices are asserted)."""
+        vc, lc = cfg["vision_config"], cfg["llm_config"]
+        assert cfg["select_layer"] == SELECT_LAYER and cfg["downsample_ratio"] == DOWNSAMPLE_RATIO
+        assert cfg["force_image_size"] == FORCE_IMAGE_SIZE and cfg["template"] == "internvl_zh"
+        assert vc["qk_normalization"] and not vc["qkv_bias"] and not lc["tie_word_embeddings"]
+        vision = {k: vc[k] for k in (*PRESETS["tiny"]["vision"], *VISION_COMMON)}
+        llm = {k: lc[k] for k in (*PRESETS["tiny"]["llm"], *LLM_COMMON)}
+        return cls(vision, llm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,15 +397,15 @@ CASES = [
 # ---------------------------------------------------------------------------------------------
 # transformers model
 # ---------------------------------------------------------------------------------------------
-def hf_config(vocab_size: int, image_token_id: int) -> InternVLConfig:
+def hf_config(vocab_size: int, image_token_id: int, dims: Dims) -> InternVLConfig:
     vision = InternVLVisionConfig(
-        hidden_size=VISION["hidden_size"],
-        num_attention_heads=VISION["num_attention_heads"],
-        intermediate_size=VISION["intermediate_size"],
-        num_hidden_layers=VISION["num_hidden_layers"],
-        patch_size=VISION["patch_size"],
-        image_size=VISION["image_size"],
-        layer_norm_eps=VISION["layer_norm_eps"],
+        hidden_size=dims.vision["hidden_size"],
+        num_attention_heads=dims.vision["num_attention_heads"],
+        intermediate_size=dims.vision["intermediate_size"],
+        num_hidden_layers=dims.vision["num_hidden_layers"],
+        patch_size=dims.vision["patch_size"],
+        image_size=dims.vision["image_size"],
+        layer_norm_eps=dims.vision["layer_norm_eps"],
         attention_bias=False,  # qkv_bias false
         use_qk_norm=True,  # qk_normalization true (full-width RMSNorm)
         norm_type="rms_norm",
@@ -373,14 +417,14 @@ def hf_config(vocab_size: int, image_token_id: int) -> InternVLConfig:
     )
     text = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=LLM["hidden_size"],
-        intermediate_size=LLM["intermediate_size"],
-        num_hidden_layers=LLM["num_hidden_layers"],
-        num_attention_heads=LLM["num_attention_heads"],
-        num_key_value_heads=LLM["num_key_value_heads"],
-        rms_norm_eps=LLM["rms_norm_eps"],
-        max_position_embeddings=LLM["max_position_embeddings"],
-        rope_parameters={"rope_type": "default", "rope_theta": LLM["rope_theta"]},
+        hidden_size=dims.llm["hidden_size"],
+        intermediate_size=dims.llm["intermediate_size"],
+        num_hidden_layers=dims.llm["num_hidden_layers"],
+        num_attention_heads=dims.llm["num_attention_heads"],
+        num_key_value_heads=dims.llm["num_key_value_heads"],
+        rms_norm_eps=dims.llm["rms_norm_eps"],
+        max_position_embeddings=dims.llm["max_position_embeddings"],
+        rope_parameters={"rope_type": "default", "rope_theta": dims.llm["rope_theta"]},
         hidden_act="silu",
         tie_word_embeddings=False,
         attention_bias=False,
@@ -393,7 +437,7 @@ def hf_config(vocab_size: int, image_token_id: int) -> InternVLConfig:
         vision_config=vision,
         text_config=text,
         image_token_id=image_token_id,
-        image_seq_length=num_image_tokens(),
+        image_seq_length=num_image_tokens(dims),
         downsample_ratio=DOWNSAMPLE_RATIO,
         projector_hidden_act="gelu",
         vision_feature_layer=SELECT_LAYER,
@@ -402,8 +446,8 @@ def hf_config(vocab_size: int, image_token_id: int) -> InternVLConfig:
     )
 
 
-def num_image_tokens() -> int:
-    grid = FORCE_IMAGE_SIZE // VISION["patch_size"]
+def num_image_tokens(dims: Dims) -> int:
+    grid = FORCE_IMAGE_SIZE // dims.vision["patch_size"]
     return int(grid * grid * DOWNSAMPLE_RATIO * DOWNSAMPLE_RATIO)
 
 
@@ -417,25 +461,40 @@ def pixel_shuffle_v1(self, vision_features: torch.Tensor, scale_factor: float = 
     return x
 
 
-def new_model(config: InternVLConfig) -> InternVLForConditionalGeneration:
+def new_model(config: InternVLConfig, attn_implementation: str = "eager") -> InternVLForConditionalGeneration:
     model = InternVLForConditionalGeneration._from_config(
-        config, attn_implementation="eager", dtype=torch.float32
+        config, attn_implementation=attn_implementation, dtype=torch.float32
     )
     model.eval()
     # ps_version v1 (see module docstring).
     model.model.pixel_shuffle = types.MethodType(pixel_shuffle_v1, model.model)
-    assert model.config.vision_config._attn_implementation == "eager"
-    assert model.config.text_config._attn_implementation == "eager"
+    assert model.config.vision_config._attn_implementation == attn_implementation
+    assert model.config.text_config._attn_implementation == attn_implementation
     return model
 
 
-def init_weights(model: InternVLForConditionalGeneration, seed: int) -> None:
+def load_original_checkpoint(model_dir: Path, attn_implementation: str = "eager"):
+    """An original-layout checkpoint directory (config.json + bf16 shards) as a float32
+    transformers model, patched to V1.1 like `new_model`. Returns (model, upstream config)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    dims = Dims.from_upstream_config(cfg)
+    added = json.loads((model_dir / "added_tokens.json").read_text())
+    vocab_size = cfg["llm_config"]["vocab_size"]
+    model = new_model(hf_config(vocab_size, added[IMG_CONTEXT], dims), attn_implementation)
+    sd = read_checkpoint(model_dir)
+    hf = original_to_hf({k: v.to(torch.float32) for k, v in sd.items()}, dims.vision["hidden_size"])
+    missing, unexpected = model.load_state_dict(hf, strict=True)
+    assert not missing and not unexpected
+    return model, cfg
+
+
+def init_weights(model: InternVLForConditionalGeneration, seed: int, dims: Dims) -> None:
     """Random weights scaled for O(1) activations and peaked logits, rounded to bf16."""
     g = torch.Generator().manual_seed(seed)
-    vh, vi = VISION["hidden_size"], VISION["intermediate_size"]
-    lh, li = LLM["hidden_size"], LLM["intermediate_size"]
+    vh, vi = dims.vision["hidden_size"], dims.vision["intermediate_size"]
+    lh, li = dims.llm["hidden_size"], dims.llm["intermediate_size"]
     proj_in = vh * int(1 / DOWNSAMPLE_RATIO) ** 2
-    patch_fan_in = 3 * VISION["patch_size"] ** 2
+    patch_fan_in = 3 * dims.vision["patch_size"] ** 2
 
     def randn(shape, std):
         return torch.randn(shape, generator=g) * std
@@ -601,7 +660,7 @@ def original_to_hf(sd: dict[str, torch.Tensor], vision_hidden: int) -> dict[str,
 # ---------------------------------------------------------------------------------------------
 # Original-layout checkpoint
 # ---------------------------------------------------------------------------------------------
-def upstream_config_json(vocab_size: int) -> dict:
+def upstream_config_json(vocab_size: int, dims: Dims) -> dict:
     return {
         "architectures": ["InternVLChatModel"],
         "model_type": "internvl_chat",
@@ -610,15 +669,15 @@ def upstream_config_json(vocab_size: int) -> dict:
             "architectures": ["InternVisionModel"],
             "model_type": "intern_vit_6b",
             "num_channels": 3,
-            "hidden_size": VISION["hidden_size"],
-            "num_attention_heads": VISION["num_attention_heads"],
-            "intermediate_size": VISION["intermediate_size"],
-            "num_hidden_layers": VISION["num_hidden_layers"],
-            "patch_size": VISION["patch_size"],
-            "image_size": VISION["image_size"],
+            "hidden_size": dims.vision["hidden_size"],
+            "num_attention_heads": dims.vision["num_attention_heads"],
+            "intermediate_size": dims.vision["intermediate_size"],
+            "num_hidden_layers": dims.vision["num_hidden_layers"],
+            "patch_size": dims.vision["patch_size"],
+            "image_size": dims.vision["image_size"],
             "qkv_bias": False,
             "qk_normalization": True,
-            "layer_norm_eps": VISION["layer_norm_eps"],
+            "layer_norm_eps": dims.vision["layer_norm_eps"],
             "hidden_act": "gelu",
             "initializer_factor": 0.1,
             "initializer_range": 0.02,
@@ -631,15 +690,15 @@ def upstream_config_json(vocab_size: int) -> dict:
         "llm_config": {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            "hidden_size": LLM["hidden_size"],
-            "intermediate_size": LLM["intermediate_size"],
-            "num_attention_heads": LLM["num_attention_heads"],
-            "num_key_value_heads": LLM["num_key_value_heads"],
-            "num_hidden_layers": LLM["num_hidden_layers"],
-            "rms_norm_eps": LLM["rms_norm_eps"],
-            "rope_theta": LLM["rope_theta"],
+            "hidden_size": dims.llm["hidden_size"],
+            "intermediate_size": dims.llm["intermediate_size"],
+            "num_attention_heads": dims.llm["num_attention_heads"],
+            "num_key_value_heads": dims.llm["num_key_value_heads"],
+            "num_hidden_layers": dims.llm["num_hidden_layers"],
+            "rms_norm_eps": dims.llm["rms_norm_eps"],
+            "rope_theta": dims.llm["rope_theta"],
             "rope_scaling": None,
-            "max_position_embeddings": LLM["max_position_embeddings"],
+            "max_position_embeddings": dims.llm["max_position_embeddings"],
             "vocab_size": vocab_size,
             "bos_token_id": 1,
             "eos_token_id": 2,
@@ -663,7 +722,7 @@ def upstream_config_json(vocab_size: int) -> dict:
     }
 
 
-def write_checkpoint(model_dir: Path, orig: "OrderedDict[str, torch.Tensor]", vocab_size: int) -> None:
+def write_checkpoint(model_dir: Path, orig: "OrderedDict[str, torch.Tensor]", vocab_size: int, dims: Dims) -> None:
     shard_names = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
     shards: list[dict[str, torch.Tensor]] = [{}, {}]
     weight_map: dict[str, str] = {}
@@ -679,7 +738,7 @@ def write_checkpoint(model_dir: Path, orig: "OrderedDict[str, torch.Tensor]", vo
         torch.save(shard, model_dir / fname)  # zip format, pickle protocol 2, plain dict
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (model_dir / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (model_dir / "config.json").write_text(json.dumps(upstream_config_json(vocab_size), indent=2) + "\n")
+    (model_dir / "config.json").write_text(json.dumps(upstream_config_json(vocab_size, dims), indent=2) + "\n")
 
 
 def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -776,13 +835,113 @@ def greedy(model, ids: list[int], pixel_values: torch.Tensor | None, steps: int)
     return tokens, margins
 
 
+TOKENIZER_FILES = ("tokenizer.model", "added_tokens.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def make_checkpoint(dims: Dims, tok: LegacyLlamaTokenizer, model_dir: Path):
+    """Random V1.1 model of the given sizes, written to `model_dir` in the original layout and
+    read back. Returns (model, model2 reloaded from the written checkpoint, the transformers
+    state dict, the original-layout bf16 state dict read back, the upstream config.json)."""
+    img_context_id = tok.added[IMG_CONTEXT]
+    config = hf_config(tok.vocab_size, img_context_id, dims)
+    model = new_model(config)
+    init_weights(model, WEIGHT_SEED, dims)
+    sd_hf = model.state_dict()
+    print("transformers parameters:", len(sd_hf), "tensors,", sum(v.numel() for v in sd_hf.values()), "values")
+    assert model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr()
+
+    # ---- checkpoint (original layout) ----
+    orig = hf_to_original(sd_hf)
+    for i in range(dims.vision["num_hidden_layers"]):  # every layer is in the checkpoint, even those select_layer skips
+        assert f"vision_model.encoder.layers.{i}.attn.qkv.weight" in orig
+    model_dir.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(model_dir, orig, tok.vocab_size, dims)
+    sd_orig = read_checkpoint(model_dir)
+
+    # ---- check: reload through config.json and the inverse mapping ----
+    model2, cfg_json = load_original_checkpoint(model_dir)
+    assert Dims.from_upstream_config(cfg_json).__dict__ == dims.__dict__
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, sd_hf[k]), k
+    return model, model2, sd_hf, sd_orig, cfg_json
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-dir", default=str(ROOT / "models/demo-internvl"))
+    ap.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="tiny",
+        help="tiny (default): the reference checkpoint + fixtures; bench: only a larger checkpoint, "
+        "written to --model-dir (required), tokenizer files copied from --tokenizer-dir",
+    )
+    ap.add_argument("--model-dir", default=None, help="default (tiny): models/demo-internvl")
+    ap.add_argument("--tokenizer-dir", default=str(ROOT / "models/demo-internvl"), help="bench: tokenizer source")
     ap.add_argument("--images-dir", default=str(ROOT / "tests/fixtures/images"))
     ap.add_argument("--out-dir", default=str(ROOT / "tests/fixtures/reference"))
     args = ap.parse_args()
-    model_dir, images_dir, out_dir = Path(args.model_dir), Path(args.images_dir), Path(args.out_dir)
+    if args.preset == "tiny":
+        main_tiny(args)
+    else:
+        if args.model_dir is None:
+            ap.error(f"--preset {args.preset} needs --model-dir (e.g. target/bench-model)")
+        main_bench(args)
+
+
+def main_bench(args) -> None:
+    """Only a checkpoint (config.json, shards, index, tokenizer copied): no fixtures, no images.
+    The fixture images are read (not written) to check the activation scale."""
+    model_dir, tok_dir, images_dir = Path(args.model_dir), Path(args.tokenizer_dir), Path(args.images_dir)
+    if model_dir.resolve() == tok_dir.resolve():
+        sys.exit(f"--model-dir {model_dir} is the tokenizer source: refusing to overwrite its checkpoint")
+    torch.manual_seed(WEIGHT_SEED)
+    torch.use_deterministic_algorithms(True)
+    dims = Dims.preset(args.preset)
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(tok_dir / f, model_dir / f)
+    tok = LegacyLlamaTokenizer(model_dir)
+    print(f"tokenizer: vocab {tok.vocab_size} (copied from {tok_dir})")
+    model, model2, sd_hf, sd_orig, cfg_json = make_checkpoint(dims, tok, model_dir)
+    n_vl = dims.vision["num_hidden_layers"]
+
+    # ---- activation scale (and the upstream re-implementation of the vision path) ----
+    stats = []
+    with torch.no_grad():
+        pv = load_pixel_values(images_dir / "model-a.png", FORCE_IMAGE_SIZE)[None]
+        hs = model2.model.vision_tower(pixel_values=pv, output_hidden_states=True).hidden_states
+        assert len(hs) == n_vl + 1
+        stats.append(("vision model-a.png", [round(float(h.pow(2).mean().sqrt()), 3) for h in hs]))
+        feats = model2.model.get_image_features(pixel_values=pv).pooler_output[0]
+        assert feats.shape == (num_image_tokens(dims), dims.llm["hidden_size"])
+        manual = upstream_extract_feature(sd_orig, cfg_json, pv)[0]
+        err = (manual - feats).abs().max().item()
+        print(f"vision embeds rms {feats.pow(2).mean().sqrt():.3f}; "
+              f"max |transformers - upstream re-implementation| = {err:.2e}")
+        assert err < 1e-3, err
+        prompt, _ = build_prompt(CASES[1][1], num_image_tokens(dims), cfg_json["system_message"])
+        ids = torch.tensor([tok.encode(prompt)])
+        out = model2.model(input_ids=ids, pixel_values=pv, output_hidden_states=True)
+        stats.append(("llm one_image", [round(float(h.pow(2).mean().sqrt()), 3) for h in out.hidden_states]))
+        logits = model2.lm_head(out.last_hidden_state[0, -1])
+        print(f"one_image: {ids.shape[1]} prompt tokens, last logits std {logits.std():.2f}")
+    for label, rms_list in stats:
+        print(f"rms {label}: {rms_list}")
+        assert all(0.05 < r < 20.0 for r in rms_list), (label, rms_list)
+
+    n_params = sum(v.numel() for v in sd_orig.values())
+    files = sorted(model_dir.glob("*"))
+    print(f"{model_dir}: {n_params} parameters ({n_params / 1e6:.2f} M), "
+          f"{sum(p.stat().st_size for p in files)} bytes on disk")
+    for p in files:
+        print(f"  {p.name}: {p.stat().st_size} bytes")
+
+
+def main_tiny(args) -> None:
+    model_dir = Path(args.model_dir) if args.model_dir else ROOT / "models/demo-internvl"
+    images_dir, out_dir = Path(args.images_dir), Path(args.out_dir)
+    dims = Dims.preset("tiny")
 
     if not PIL.__version__.startswith("12."):
         sys.exit(f"Pillow {PIL.__version__}: the fixtures need Pillow 12.x (13 changed the bicubic pass order)")
@@ -816,38 +975,16 @@ def main() -> None:
         assert np.array_equal(back, arr)
     pixel = {f: load_pixel_values(images_dir / f, FORCE_IMAGE_SIZE) for f in arrays}
 
-    # ---- model ----
-    config = hf_config(vocab_size, img_context_id)
-    model = new_model(config)
-    init_weights(model, WEIGHT_SEED)
-    sd_hf = model.state_dict()
-    print("transformers parameters:", len(sd_hf), "tensors,", sum(v.numel() for v in sd_hf.values()), "values")
-    assert model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr()
-
-    # ---- checkpoint (original layout) ----
-    orig = hf_to_original(sd_hf)
-    n_vl = VISION["num_hidden_layers"]
-    for i in range(n_vl):  # every layer is in the checkpoint, even those select_layer skips
-        assert f"vision_model.encoder.layers.{i}.attn.qkv.weight" in orig
-    model_dir.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(model_dir, orig, vocab_size)
-    cfg_json = json.loads((model_dir / "config.json").read_text())
-    sd_orig = read_checkpoint(model_dir)
-
-    # ---- check: reload through the inverse mapping ----
-    model2 = new_model(hf_config(vocab_size, img_context_id))
-    back = original_to_hf({k: v.to(torch.float32) for k, v in sd_orig.items()}, VISION["hidden_size"])
-    missing, unexpected = model2.load_state_dict(back, strict=True)
-    assert not missing and not unexpected
-    for k, v in model2.state_dict().items():
-        assert torch.equal(v, sd_hf[k]), k
+    # ---- model, checkpoint (original layout), reload check ----
+    model, model2, sd_hf, sd_orig, cfg_json = make_checkpoint(dims, tok, model_dir)
+    n_vl = dims.vision["num_hidden_layers"]
 
     # ---- vision embeddings ----
     vision_embeds = {}
     with torch.no_grad():
         for f, pv in pixel.items():
             feats = model.model.get_image_features(pixel_values=pv[None]).pooler_output[0]
-            assert feats.shape == (num_image_tokens(), LLM["hidden_size"])
+            assert feats.shape == (num_image_tokens(dims), dims.llm["hidden_size"])
             feats2 = model2.model.get_image_features(pixel_values=pv[None]).pooler_output[0]
             assert torch.equal(feats, feats2)
             manual = upstream_extract_feature(sd_orig, cfg_json, pv[None])[0]
@@ -871,7 +1008,7 @@ def main() -> None:
             stats.append(("vision " + f, [round(float(h.pow(2).mean().sqrt()), 3) for h in hs]))
 
     # ---- cases ----
-    n_img = num_image_tokens()
+    n_img = num_image_tokens(dims)
     tensors: dict[str, torch.Tensor] = {}
     cases_out = []
     for name, messages in CASES:

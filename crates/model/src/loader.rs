@@ -9,6 +9,7 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{Checkpoint, WeightsError};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Why a checkpoint directory could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,8 @@ pub enum LoadError {
     Prompt(#[from] PromptError),
     #[error("the tokenizer has no `{0}` token")]
     MissingToken(&'static str),
+    #[error("the prompt has {found} image placeholder blocks for {images} images (image tokens in the text?)")]
+    ImagePlaceholders { found: usize, images: usize },
     #[error("the tokenizer has {tokenizer} tokens but the model's vocabulary only {model}")]
     VocabMismatch { tokenizer: usize, model: usize },
     #[error("building the model: {0}")]
@@ -31,7 +34,8 @@ pub enum LoadError {
 
 /// A loaded checkpoint: the model and the text and image front ends that feed it.
 pub struct LoadedModel {
-    pub model: InternVlChat,
+    /// Shared: the engine's runner holds it too.
+    pub model: Arc<InternVlChat>,
     pub tokenizer: Tokenizer,
     pub template: PromptTemplate,
     pub preprocess: PreprocessConfig,
@@ -43,6 +47,8 @@ pub struct EncodedPrompt {
     pub text: String,
     pub ids: Vec<u32>,
     pub num_images: usize,
+    /// Index in `ids` of each image's first placeholder token, in order.
+    pub image_offsets: Vec<usize>,
 }
 
 impl LoadedModel {
@@ -72,7 +78,7 @@ impl LoadedModel {
         let dtype = dtype.unwrap_or_else(|| default_dtype(device));
         let model = InternVlChat::new(config, checkpoint, image_context_id, dtype, device)?;
         Ok(Self {
-            model,
+            model: Arc::new(model),
             tokenizer,
             template,
             preprocess,
@@ -83,10 +89,28 @@ impl LoadedModel {
     pub fn encode_prompt(&self, messages: &[ChatMessage]) -> Result<EncodedPrompt, LoadError> {
         let prompt = self.template.render(messages)?;
         let ids = self.tokenizer.encode(&prompt.text)?;
+        let context = self.model.image_context_id();
+        let per_image = self.model.config().num_image_tokens();
+        let image_offsets: Vec<usize> = (0..ids.len())
+            .filter(|&i| ids[i] == context && (i == 0 || ids[i - 1] != context))
+            .collect();
+        let well_formed = image_offsets.len() == prompt.num_images
+            && image_offsets.iter().all(|&o| {
+                ids.get(o..o + per_image)
+                    .is_some_and(|run| run.iter().all(|&t| t == context))
+                    && ids.get(o + per_image) != Some(&context)
+            });
+        if !well_formed {
+            return Err(LoadError::ImagePlaceholders {
+                found: image_offsets.len(),
+                images: prompt.num_images,
+            });
+        }
         Ok(EncodedPrompt {
             text: prompt.text,
             ids,
             num_images: prompt.num_images,
+            image_offsets,
         })
     }
 

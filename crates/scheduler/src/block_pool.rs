@@ -31,8 +31,6 @@ struct PoolState {
     next_key: u64,
     hash_of: Vec<Option<BlockHash>>,
     cached: HashMap<BlockHash, BlockId>,
-    hits: u64,
-    queries: u64,
 }
 
 /// Shared ownership of one block; the block goes back to the pool when the last is dropped.
@@ -51,8 +49,6 @@ impl BlockPool {
             next_key: 0,
             hash_of: vec![None; num_blocks],
             cached: HashMap::new(),
-            hits: 0,
-            queries: 0,
         };
         for id in 0..num_blocks as BlockId {
             state.push_free(id);
@@ -109,9 +105,7 @@ impl BlockPool {
     /// The cached block holding exactly `hash`, if any, now also owned by the caller.
     pub fn lookup(&self, hash: BlockHash) -> Option<Block> {
         let mut state = self.state();
-        state.queries += 1;
         let id = *state.cached.get(&hash)?;
-        state.hits += 1;
         if let Some(key) = state.free_key[id as usize].take() {
             state.free.remove(&key);
         }
@@ -127,12 +121,6 @@ impl BlockPool {
         let mut state = self.state();
         state.hash_of[block.id as usize] = Some(hash);
         state.cached.entry(hash).or_insert(block.id);
-    }
-
-    /// Prefix-cache block lookups and hits so far.
-    pub fn prefix_stats(&self) -> (u64, u64) {
-        let state = self.state();
-        (state.queries, state.hits)
     }
 
     /// Forgets every cached prefix (their blocks stay free).
@@ -227,7 +215,6 @@ mod tests {
         // Two allocations need both blocks: the cached one is evicted.
         let all = pool.allocate(2).unwrap();
         assert!(pool.lookup(42).is_none());
-        assert_eq!(pool.prefix_stats(), (2, 1));
         drop(all);
     }
 

@@ -34,6 +34,11 @@ impl<E> EncoderCache<E> {
         }
     }
 
+    /// Whether `hash` is cached, without counting a query or refreshing it.
+    pub fn contains(&self, hash: u64) -> bool {
+        self.entries.contains_key(&hash)
+    }
+
     pub fn get(&mut self, hash: u64) -> Option<Arc<E>> {
         self.queries += 1;
         self.clock += 1;

@@ -1,6 +1,7 @@
 //! The step loop on its own thread, and the handle callers submit requests through.
 
 use crate::config::EngineConfig;
+use crate::detokenizer::TokenDecoder;
 use crate::request::{Event, Request};
 use crate::runner::ModelRunner;
 use crate::scheduler::{validate, Scheduler, SubmitError};
@@ -44,6 +45,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
     pub fn start<R: ModelRunner<Pixels = P>>(
         runner: R,
         config: EngineConfig,
+        decoder: Arc<dyn TokenDecoder>,
     ) -> Result<Self, String> {
         config.validate()?;
         let (tx, rx) = channel::<Command<P>>();
@@ -53,7 +55,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
         let thread = std::thread::Builder::new()
             .name("engine-step".into())
             .spawn(move || {
-                let mut scheduler = Scheduler::new(runner, thread_config);
+                let mut scheduler = Scheduler::new(runner, thread_config, decoder);
                 let mut open = true;
                 loop {
                     while open {

@@ -5,8 +5,10 @@
 
 pub mod block_pool;
 pub mod config;
+pub mod detokenizer;
 pub mod encoder_cache;
 pub mod engine;
+mod logits_processors;
 pub mod prefix_hash;
 pub mod request;
 pub mod runner;
@@ -14,11 +16,14 @@ pub mod sampling;
 pub mod scheduler;
 mod sequence;
 pub mod stats;
+pub mod stop;
 
 pub use config::EngineConfig;
+pub use detokenizer::{Detokenizer, TokenDecoder};
 pub use engine::{Engine, RequestStream};
-pub use request::{Event, FinishReason, ImageInput, Request, RequestId, StopParams, Usage};
+pub use request::{Event, ImageInput, Request, RequestId, RequestTimings, Usage};
 pub use runner::{ForwardSeq, ModelRunner, RunnerError};
-pub use sampling::{argmax, Sampler, SamplingError, SamplingParams};
+pub use sampling::{argmax, Sampled, Sampler, SamplingError, SamplingParams, MAX_TOP_LOGPROBS};
 pub use scheduler::{validate, Scheduler, SubmitError};
 pub use stats::EngineStats;
+pub use stop::{FinishReason, StopChecker, StopError, StopParams, StopReason, StopStep};

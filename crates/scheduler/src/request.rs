@@ -1,6 +1,7 @@
 //! What a caller hands the engine, and what it gets back.
 
 use crate::sampling::SamplingParams;
+use crate::stop::{FinishReason, StopParams, StopReason};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,32 +19,14 @@ pub struct ImageInput<P> {
     pub pixels: Arc<P>,
 }
 
-/// When to stop generating.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StopParams {
-    pub max_tokens: usize,
-    /// The end-of-sequence token: ends the request unless `ignore_eos`.
-    pub eos_token_id: Option<u32>,
-    pub ignore_eos: bool,
-}
-
 /// A request for one completion.
 pub struct Request<P> {
     pub prompt: Vec<u32>,
     pub images: Vec<ImageInput<P>>,
     pub sampling: SamplingParams,
     pub stop: StopParams,
-}
-
-/// Why a request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// The model produced the end-of-sequence token.
-    Stop,
-    /// `max_tokens` were generated.
-    Length,
-    /// The caller went away.
-    Abort,
+    /// Whether special tokens are left out of the text (upstream: yes).
+    pub skip_special_tokens: bool,
 }
 
 /// Token counts of a finished request.
@@ -76,11 +59,19 @@ pub struct RequestTimings {
 /// What the engine reports about a request, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A generated token (the end-of-sequence token is not reported).
-    Token { id: u32 },
-    /// The request is over; nothing follows.
+    /// A generated token, with the text it completes (often empty: the rest of a character,
+    /// or text that may still become a stop string, comes later). Stop tokens are not reported.
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<f32>,
+        top_logprobs: Vec<(u32, f32)>,
+    },
+    /// The request is over, with the last text held back until now; nothing follows.
     Finished {
+        text: String,
         reason: FinishReason,
+        stop_reason: Option<StopReason>,
         usage: Usage,
         timings: RequestTimings,
     },

@@ -33,6 +33,9 @@ pub trait ModelRunner: Send + 'static {
         images: &[&Self::Pixels],
     ) -> Result<Vec<Self::ImageEmbeds>, RunnerError>;
 
+    /// Entries of a logits row.
+    fn vocab_size(&self) -> usize;
+
     /// Memory one encoder output takes, for the encoder cache's budget.
     fn embeds_bytes(&self, embeds: &Self::ImageEmbeds) -> usize;
 

@@ -1,17 +1,62 @@
-//! Choosing the next token from logits: greedy, or temperature with top-k / top-p, seeded.
+//! Choosing a request's next token from its logits, with OpenAI's and vLLM's settings.
+//!
+//! One step, in order:
+//! 1. the logits are processed: repetition penalty, presence and frequency penalties (see
+//!    [`crate::logits_processors`]), logit bias, then the banned tokens (min_tokens) set to -inf;
+//! 2. logprobs, when asked for, are the log-softmax of these processed logits, before
+//!    temperature and truncation (see [`Sampled`]);
+//! 3. temperature 0 takes the argmax; otherwise the logits are divided by the temperature and
+//!    cut down by min_p, then top_k, then top_p (vLLM's order), and a token is drawn from what
+//!    remains, renormalised, with the request's own random generator.
+//!
+//! Each request owns its [`Sampler`] and so its random stream: with a seed, its tokens depend
+//! only on its own logits, never on which other requests share the batch or in what order they
+//! are sampled. A random step consumes exactly one draw; a greedy step none.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// How one request wants its tokens chosen.
+use crate::logits_processors::{apply_logit_bias, ban, Penalties};
+
+/// The most top logprobs a request may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Temperatures below this are greedy, as in vLLM: dividing by them overflows the scaled
+/// logits to infinities and NaN.
+const GREEDY_BELOW: f32 = 1e-5;
+
+/// How one request wants its tokens chosen. The defaults change nothing: greedy, no
+/// truncation, no penalty, no bias, no logprobs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// Divides the logits; 0 (or below 1e-5) means greedy, and then top_k, top_p, min_p and
+    /// the seed do not matter. Not OpenAI's default of 1: the server fills in its API's defaults.
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens; 0 keeps all.
     pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 keeps all.
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; 1 keeps
+    /// all. In (0, 1].
     pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 keeps all. In [0, 1].
+    pub min_p: f32,
+    /// OpenAI's: subtracted once from the logit of every token generated so far. In [-2, 2].
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated. In [-2, 2].
+    pub frequency_penalty: f32,
+    /// HF's and vLLM's: every token of the prompt or the output has a positive logit divided by
+    /// it, a negative one multiplied by it; 1 is neutral. Greater than 0.
+    pub repetition_penalty: f32,
+    /// Added to the logits of these token ids. Each bias in [-100, 100] as OpenAI: -100
+    /// effectively bans a token, 100 effectively forces it.
+    pub logit_bias: HashMap<u32, f32>,
+    /// `None`: no logprobs. `Some(n)`: the chosen token's logprob and the `n` (at most
+    /// [`MAX_TOP_LOGPROBS`]) most likely tokens' (OpenAI chat's `logprobs: true,
+    /// top_logprobs: n`; vLLM's `logprobs: n`).
+    pub logprobs: Option<usize>,
     /// Makes the choices reproducible; `None` draws a seed from the OS.
     pub seed: Option<u64>,
 }
@@ -22,193 +67,944 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: HashMap::new(),
+            logprobs: None,
             seed: None,
         }
     }
 }
 
-/// Invalid sampling settings.
+impl SamplingParams {
+    /// Checks every setting against its range and the logit bias ids against a vocabulary of
+    /// `vocab_size` tokens (the width of the model's logits), so a request can be refused
+    /// before it is scheduled. [`Sampler::new`] runs it too.
+    pub fn validate(&self, vocab_size: usize) -> Result<(), SamplingError> {
+        if vocab_size == 0 {
+            return Err(SamplingError::EmptyVocab);
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(SamplingError::Temperature(self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(SamplingError::MinP(self.min_p));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(SamplingError::PresencePenalty(self.presence_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(SamplingError::FrequencyPenalty(self.frequency_penalty));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(SamplingError::RepetitionPenalty(self.repetition_penalty));
+        }
+        // Sorted so that the first offending id is reported, whatever the map's order.
+        let mut bias: Vec<(u32, f32)> = self.logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
+        bias.sort_by_key(|&(token, _)| token);
+        for (token, bias) in bias {
+            if token as usize >= vocab_size {
+                return Err(SamplingError::LogitBiasToken { token, vocab_size });
+            }
+            if !(-100.0..=100.0).contains(&bias) {
+                return Err(SamplingError::LogitBias { token, bias });
+            }
+        }
+        if let Some(n) = self.logprobs {
+            if n > MAX_TOP_LOGPROBS {
+                return Err(SamplingError::TopLogprobs(n));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Invalid sampling settings, or logits that cannot be sampled. The messages name the API
+/// field so that the server can pass them on as they are.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SamplingError {
     #[error("temperature must be a finite number >= 0, got {0}")]
     Temperature(f32),
     #[error("top_p must be in (0, 1], got {0}")]
     TopP(f32),
-    #[error("logits are empty")]
-    NoLogits,
+    #[error("min_p must be in [0, 1], got {0}")]
+    MinP(f32),
+    #[error("presence_penalty must be in [-2, 2], got {0}")]
+    PresencePenalty(f32),
+    #[error("frequency_penalty must be in [-2, 2], got {0}")]
+    FrequencyPenalty(f32),
+    #[error("repetition_penalty must be a finite number > 0, got {0}")]
+    RepetitionPenalty(f32),
+    #[error("logit_bias for token {token} must be in [-100, 100], got {bias}")]
+    LogitBias { token: u32, bias: f32 },
+    #[error("logit_bias names token {token}, but the vocabulary has {vocab_size} tokens")]
+    LogitBiasToken { token: u32, vocab_size: usize },
+    #[error("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {0}")]
+    TopLogprobs(usize),
+    #[error("the vocabulary is empty")]
+    EmptyVocab,
+    #[error("expected {expected} logits, one per vocabulary entry, got {got}")]
+    LogitsLen { expected: usize, got: usize },
+    #[error("token {token} is outside the vocabulary of {vocab_size} tokens")]
+    TokenOutOfRange { token: u32, vocab_size: usize },
+    #[error("no token can be sampled: every logit is -inf or NaN")]
+    NoCandidates,
 }
 
-/// A request's sampler: its settings and its own random stream.
+/// One chosen token.
+///
+/// The logprobs are the log-softmax of the logits after penalties, logit bias and banned
+/// tokens but before temperature, min_p, top_k and top_p: what the model, as steered by the
+/// request, thinks of each token, independent of how adventurously it is sampled. This is
+/// vLLM V0's behaviour and vLLM V1's `processed_logprobs` minus the temperature; vLLM V1's
+/// default (`raw_logprobs`) would be before the penalties as well. So a greedy step's
+/// logprob is not 0, and a banned token's is -inf.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// The chosen token's logprob, when the request asked for logprobs.
+    pub logprob: Option<f32>,
+    /// The most likely tokens, most likely first (lower id first on ties), as many as asked
+    /// for, fewer only when fewer tokens have a finite logprob. May or may not contain `token`.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// A request's sampler: its settings, its penalty counts and its own random stream.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
+    vocab_size: usize,
+    /// `params.logit_bias` as a list, by id: applied in a fixed order, without hashing.
+    logit_bias: Vec<(u32, f32)>,
+    penalties: Option<Penalties>,
     rng: StdRng,
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
-        if !(params.temperature.is_finite() && params.temperature >= 0.0) {
-            return Err(SamplingError::Temperature(params.temperature));
-        }
-        if !(params.top_p > 0.0 && params.top_p <= 1.0) {
-            return Err(SamplingError::TopP(params.top_p));
-        }
+    /// A sampler for logits of `vocab_size` entries (the model's vocabulary, which may be
+    /// larger than the tokenizer's). Fails on settings out of range, see
+    /// [`SamplingParams::validate`].
+    pub fn new(params: SamplingParams, vocab_size: usize) -> Result<Self, SamplingError> {
+        params.validate(vocab_size)?;
+        let mut logit_bias: Vec<(u32, f32)> =
+            params.logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
+        logit_bias.sort_by_key(|&(token, _)| token);
+        let penalties = Penalties::new(
+            params.presence_penalty,
+            params.frequency_penalty,
+            params.repetition_penalty,
+            vocab_size,
+        );
         let rng = match params.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Ok(Self { params, rng })
+        Ok(Self {
+            params,
+            vocab_size,
+            logit_bias,
+            penalties,
+            rng,
+        })
     }
 
-    /// Picks a token id from one position's logits.
-    pub fn sample(&mut self, logits: &[f32]) -> Result<u32, SamplingError> {
-        if logits.is_empty() {
-            return Err(SamplingError::NoLogits);
+    /// Picks the next token from one position's `logits`.
+    ///
+    /// `prompt` and `generated` are the request's prompt and output tokens so far, for the
+    /// penalties; across calls they must only grow by appending (the counts are updated
+    /// incrementally). `banned` tokens cannot be chosen: pass
+    /// [`crate::StopChecker::banned_tokens`] for min_tokens.
+    ///
+    /// Cost: O(vocabulary) for the exponentials, plus O(distinct tokens seen) for penalties.
+    /// Only top_p sorts, and only as many of the most likely tokens as its nucleus needs.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        generated: &[u32],
+        banned: &[u32],
+    ) -> Result<Sampled, SamplingError> {
+        if logits.len() != self.vocab_size {
+            return Err(SamplingError::LogitsLen {
+                expected: self.vocab_size,
+                got: logits.len(),
+            });
         }
-        if self.params.temperature == 0.0 {
-            return Ok(argmax(logits));
+        if let Some(penalties) = &mut self.penalties {
+            penalties.update(prompt, generated)?;
         }
-        let candidates = self.candidates(logits);
-        let total: f64 = candidates.iter().map(|&(_, p)| p).sum();
-        let mut draw = self.rng.random::<f64>() * total;
-        for &(id, p) in &candidates {
-            if draw < p {
-                return Ok(id);
+        let logits: Cow<[f32]> =
+            if self.penalties.is_none() && self.logit_bias.is_empty() && banned.is_empty() {
+                Cow::Borrowed(logits)
+            } else {
+                let mut owned = logits.to_vec();
+                if let Some(penalties) = &self.penalties {
+                    penalties.apply(&mut owned);
+                }
+                apply_logit_bias(&mut owned, &self.logit_bias);
+                ban(&mut owned, banned)?;
+                Cow::Owned(owned)
+            };
+        let token = if self.params.temperature < GREEDY_BELOW {
+            let best = argmax(&logits);
+            let top = logits[best as usize];
+            if top.is_nan() || top == f32::NEG_INFINITY {
+                return Err(SamplingError::NoCandidates);
             }
-            draw -= p;
-        }
-        Ok(candidates[candidates.len() - 1].0)
+            best
+        } else {
+            self.draw(&logits)?
+        };
+        let (logprob, top_logprobs) = match self.params.logprobs {
+            None => (None, Vec::new()),
+            Some(n) => {
+                let log_z = log_sum_exp(&logits);
+                let top = most_likely(&logits, n)
+                    .into_iter()
+                    .map(|(id, l)| (id, l - log_z))
+                    .collect();
+                (Some(logits[token as usize] - log_z), top)
+            }
+        };
+        Ok(Sampled {
+            token,
+            logprob,
+            top_logprobs,
+        })
     }
 
-    /// Tokens that survive top-k and top-p, most likely first, with unnormalised weights.
-    fn candidates(&self, logits: &[f32]) -> Vec<(u32, f64)> {
-        let t = self.params.temperature as f64;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let mut weighted: Vec<(u32, f64)> = logits
+    /// Draws from softmax(logits / temperature) restricted by min_p, top_k and top_p.
+    fn draw(&mut self, logits: &[f32]) -> Result<u32, SamplingError> {
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|l| !l.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return Err(SamplingError::NoCandidates);
+        }
+        let inv_t = 1.0 / self.params.temperature;
+        let min_p = self.params.min_p;
+        // The unnormalised probability relative to the most likely token (which gets 1), so
+        // min_p is a plain threshold; 0 for tokens min_p drops, -inf and NaN logits.
+        let weight = |l: f32| {
+            let w = ((l - max) * inv_t).exp();
+            if w >= min_p {
+                w as f64
+            } else {
+                0.0
+            }
+        };
+        let (top_k, top_p) = (self.params.top_k, self.params.top_p);
+        if top_k == 0 && top_p >= 1.0 {
+            // No ranking needed: draw over the whole vocabulary in id order.
+            let candidates = logits.iter().enumerate().map(|(id, &l)| (id as u32, l));
+            return Ok(self.draw_weighted(candidates, weight));
+        }
+        let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, ((l as f64 - max) / t).exp()))
-            .filter(|&(_, w)| w > 0.0)
+            .filter(|&(_, &l)| weight(l) > 0.0)
+            .map(|(id, &l)| (id as u32, l))
             .collect();
-        weighted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            weighted.truncate(self.params.top_k);
+        truncate(&mut candidates, top_k, top_p, weight);
+        Ok(self.draw_weighted(candidates.into_iter(), weight))
+    }
+
+    /// One draw from `candidates` in proportion to their weights. The iterator is run twice
+    /// (total, then the scan), with the same arithmetic, so the scan always ends on a
+    /// candidate of positive weight.
+    fn draw_weighted(
+        &mut self,
+        candidates: impl Iterator<Item = (u32, f32)> + Clone,
+        weight: impl Fn(f32) -> f64,
+    ) -> u32 {
+        let total: f64 = candidates.clone().map(|(_, l)| weight(l)).sum();
+        let target = self.rng.random::<f64>() * total;
+        let mut acc = 0.0;
+        let mut last = None;
+        for (id, l) in candidates {
+            let w = weight(l);
+            if w > 0.0 {
+                acc += w;
+                last = Some(id);
+                if target < acc {
+                    return id;
+                }
+            }
         }
-        if self.params.top_p < 1.0 {
-            let total: f64 = weighted.iter().map(|&(_, w)| w).sum();
-            let mut mass = 0.0;
-            let keep = weighted
-                .iter()
-                .position(|&(_, w)| {
-                    mass += w / total;
-                    mass >= self.params.top_p as f64
-                })
-                .map_or(weighted.len(), |i| i + 1);
-            weighted.truncate(keep);
-        }
-        weighted
+        // Only reachable through rounding; the caller guarantees one positive weight.
+        last.expect("a candidate of positive weight")
     }
 }
 
-/// Index of the largest logit; the lowest index wins ties, as torch's argmax does.
+/// Most likely first, the lower id first among equals: a total order, so that the candidates
+/// and hence seeded draws do not depend on the sorting algorithm.
+fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Cuts `candidates` (positive weights) to the `top_k` most likely (0: all), then to the
+/// smallest most-likely prefix whose weight reaches `top_p` of what is left (vLLM's top-p: a
+/// token stays when the tokens more likely than it hold less than `top_p`). The kept
+/// candidates end up sorted by [`by_rank`].
+///
+/// top_p needs the candidates in order, but sorting a 42k vocabulary per step is wasteful when
+/// the nucleus is a few dozen tokens: the most likely 64 are selected (O(n)) and sorted, and
+/// only if they fall short of `top_p` is the selection widened, four times each time.
+fn truncate(
+    candidates: &mut Vec<(u32, f32)>,
+    top_k: usize,
+    top_p: f32,
+    weight: impl Fn(f32) -> f64,
+) {
+    if top_k > 0 && top_k < candidates.len() {
+        candidates.select_nth_unstable_by(top_k - 1, by_rank);
+        candidates.truncate(top_k);
+    }
+    if top_p >= 1.0 {
+        candidates.sort_unstable_by(by_rank);
+        return;
+    }
+    let total: f64 = candidates.iter().map(|&(_, l)| weight(l)).sum();
+    let target = total * top_p as f64;
+    let mut width = 64;
+    loop {
+        width = width.min(candidates.len());
+        if width < candidates.len() {
+            candidates.select_nth_unstable_by(width - 1, by_rank);
+        }
+        candidates[..width].sort_unstable_by(by_rank);
+        let mut acc = 0.0;
+        for (kept, &(_, l)) in candidates[..width].iter().enumerate() {
+            acc += weight(l);
+            if acc >= target {
+                candidates.truncate(kept + 1);
+                return;
+            }
+        }
+        if width == candidates.len() {
+            // Rounding left the running sum just under the target: everything is kept.
+            return;
+        }
+        width *= 4;
+    }
+}
+
+/// log Σ exp(logits), skipping NaN; the log-softmax is `logit - log_sum_exp`.
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let sum: f64 = logits
+        .iter()
+        .map(|&l| ((l - max) as f64).exp())
+        .filter(|e| !e.is_nan())
+        .sum();
+    max + sum.ln() as f32
+}
+
+/// The `n` largest finite logits with their ids, by [`by_rank`], without sorting the rest.
+fn most_likely(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut finite: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|&(_, &l)| l > f32::NEG_INFINITY)
+        .map(|(id, &l)| (id as u32, l))
+        .collect();
+    if n < finite.len() {
+        finite.select_nth_unstable_by(n - 1, by_rank);
+        finite.truncate(n);
+    }
+    finite.sort_unstable_by(by_rank);
+    finite
+}
+
+/// Index of the largest logit; the lowest index wins ties, as torch's argmax does. NaN is
+/// never chosen unless every logit is NaN (then 0).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
+    let mut best: Option<(usize, f32)> = None;
     for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+        if !l.is_nan() && best.is_none_or(|(_, b)| l > b) {
+            best = Some((i, l));
         }
     }
-    best as u32
+    best.map_or(0, |(i, _)| i as u32)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sampler(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Sampler {
-        Sampler::new(SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            seed: Some(seed),
-        })
-        .unwrap()
-    }
+    const DRAWS: usize = 20_000;
 
-    fn frequencies(s: &mut Sampler, logits: &[f32], draws: usize) -> Vec<f64> {
-        let mut counts = vec![0usize; logits.len()];
-        for _ in 0..draws {
-            counts[s.sample(logits).unwrap() as usize] += 1;
+    fn seeded(params: SamplingParams) -> SamplingParams {
+        SamplingParams {
+            seed: Some(7),
+            ..params
         }
-        counts.iter().map(|&c| c as f64 / draws as f64).collect()
     }
 
-    #[test]
-    fn greedy_takes_the_first_maximum() {
-        let mut s = sampler(0.0, 0, 1.0, 0);
-        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0]).unwrap(), 1);
+    fn with_temperature(temperature: f32) -> SamplingParams {
+        seeded(SamplingParams {
+            temperature,
+            ..Default::default()
+        })
     }
 
-    #[test]
-    fn same_seed_same_tokens() {
-        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let run = |seed| {
-            let mut s = sampler(1.0, 0, 1.0, seed);
-            (0..64)
-                .map(|_| s.sample(&logits).unwrap())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(run(7), run(7));
-        assert_ne!(run(7), run(8));
+    /// Frequencies of each token over [`DRAWS`] seeded draws from the same logits.
+    fn frequencies(params: SamplingParams, logits: &[f32], generated: &[u32]) -> Vec<f64> {
+        let mut sampler = Sampler::new(params, logits.len()).unwrap();
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..DRAWS {
+            let token = sampler.sample(logits, &[], generated, &[]).unwrap().token;
+            counts[token as usize] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / DRAWS as f64).collect()
     }
 
-    #[test]
-    fn temperature_one_follows_softmax() {
-        let logits = [0.0f32, 1.0, 2.0];
-        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
-        let freq = frequencies(&mut sampler(1.0, 0, 1.0, 1), &logits, 20_000);
-        for (i, &l) in logits.iter().enumerate() {
-            let expected = (l as f64).exp() / z;
+    /// softmax(logits / t) over the tokens `keep` accepts, renormalised; 0 elsewhere.
+    fn expected(logits: &[f32], t: f32, keep: impl Fn(usize) -> bool) -> Vec<f64> {
+        let w: Vec<f64> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                if keep(i) {
+                    (l as f64 / t as f64).exp()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let z: f64 = w.iter().sum();
+        w.iter().map(|w| w / z).collect()
+    }
+
+    /// Each frequency within 5 standard errors of its expectation; excluded tokens never drawn.
+    fn assert_matches(freq: &[f64], expected: &[f64]) {
+        for (i, (&f, &p)) in freq.iter().zip(expected).enumerate() {
+            let tolerance = 5.0 * (p * (1.0 - p) / DRAWS as f64).sqrt();
             assert!(
-                (freq[i] - expected).abs() < 0.015,
-                "{i}: {} vs {expected}",
-                freq[i]
+                (f - p).abs() <= tolerance,
+                "token {i}: frequency {f} vs expected {p} (±{tolerance})"
             );
         }
     }
 
+    /// Indices sorted most likely first, a reference for the truncations.
+    fn ranked(logits: &[f32]) -> Vec<usize> {
+        let mut ids: Vec<usize> = (0..logits.len()).collect();
+        ids.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        ids
+    }
+
+    /// The reference nucleus: the smallest most-likely prefix reaching `top_p` of `probs`.
+    fn nucleus(probs: &[f64], top_p: f64) -> Vec<usize> {
+        let order = ranked(&probs.iter().map(|&p| p as f32).collect::<Vec<_>>());
+        let mut mass = 0.0;
+        let mut kept = Vec::new();
+        for i in order {
+            if mass >= top_p || probs[i] == 0.0 {
+                break;
+            }
+            mass += probs[i];
+            kept.push(i);
+        }
+        kept
+    }
+
     #[test]
-    fn top_k_and_top_p_cut_the_tail() {
-        let logits = [3.0f32, 2.0, 1.0, 0.0];
-        let freq = frequencies(&mut sampler(1.0, 2, 1.0, 2), &logits, 5_000);
-        assert_eq!(freq[2] + freq[3], 0.0);
-        let e = |x: f64| x.exp();
-        let p0 = e(3.0) / (e(3.0) + e(2.0));
-        assert!((freq[0] - p0).abs() < 0.03);
-        // p(top1) ≈ 0.64 < 0.7, so top_p = 0.7 keeps exactly the two best.
-        let freq = frequencies(&mut sampler(1.0, 0, 0.7, 3), &logits, 5_000);
-        assert_eq!(freq[2] + freq[3], 0.0);
-        assert!(freq[1] > 0.2);
+    fn greedy_takes_the_first_maximum_whatever_the_truncation() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_k: 1,
+                top_p: 0.1,
+                min_p: 1.0,
+                ..Default::default()
+            },
+            4,
+        )
+        .unwrap();
+        let sampled = s.sample(&[0.1, 3.0, -1.0, 3.0], &[], &[], &[]).unwrap();
+        assert_eq!(sampled.token, 1);
+        assert_eq!((sampled.logprob, sampled.top_logprobs), (None, vec![]));
+        assert_eq!(
+            argmax(&[f32::NAN, 1.0, f32::NAN, 2.0]),
+            3,
+            "NaN is never the max"
+        );
+    }
+
+    #[test]
+    fn temperature_scales_the_softmax() {
+        let logits = [0.0f32, 1.0, 2.0, 0.5];
+        for t in [0.5, 1.0, 2.0] {
+            let freq = frequencies(with_temperature(t), &logits, &[]);
+            assert_matches(&freq, &expected(&logits, t, |_| true));
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_most_likely() {
+        let logits = [0.3f32, 2.0, -1.0, 1.5, 0.0, 1.0];
+        let params = seeded(SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            ..Default::default()
+        });
+        let freq = frequencies(params, &logits, &[]);
+        assert_matches(&freq, &expected(&logits, 1.0, |i| [1, 3, 5].contains(&i)));
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // Probabilities 0.4, 0.3, 0.2, 0.1: top_p 0.65 keeps two, 0.75 three.
+        let logits = [0.4f32, 0.3, 0.2, 0.1].map(f32::ln);
+        for (top_p, kept) in [(0.65, 2), (0.75, 3)] {
+            let params = seeded(SamplingParams {
+                temperature: 1.0,
+                top_p,
+                ..Default::default()
+            });
+            let freq = frequencies(params, &logits, &[]);
+            assert_matches(&freq, &expected(&logits, 1.0, |i| i < kept));
+        }
+    }
+
+    #[test]
+    fn top_p_applies_to_what_top_k_left_renormalised() {
+        // top_k 3 leaves 0.4, 0.3, 0.2, renormalised 0.44, 0.33, 0.22: top_p 0.75 keeps two
+        // (on the original probabilities it would keep three).
+        let logits = [0.4f32, 0.3, 0.2, 0.1].map(f32::ln);
+        let params = seeded(SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            top_p: 0.75,
+            ..Default::default()
+        });
+        let freq = frequencies(params, &logits, &[]);
+        assert_matches(&freq, &expected(&logits, 1.0, |i| i < 2));
+    }
+
+    #[test]
+    fn min_p_is_relative_to_the_most_likely_after_temperature() {
+        // Relative to token 0: e^-1 = 0.37, e^-2 = 0.14, e^-3 = 0.05 at temperature 1; at
+        // temperature 2: 0.61, 0.37, 0.22.
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        for (t, kept) in [(1.0, 2), (2.0, 3)] {
+            let params = seeded(SamplingParams {
+                temperature: t,
+                min_p: 0.3,
+                ..Default::default()
+            });
+            let freq = frequencies(params, &logits, &[]);
+            assert_matches(&freq, &expected(&logits, t, |i| i < kept));
+        }
+    }
+
+    /// A vocabulary whose nucleus is hundreds of tokens, so the selection has to widen, with
+    /// min_p and top_k in front of it.
+    #[test]
+    fn truncation_equals_a_full_sort_on_a_wide_nucleus() {
+        let logits: Vec<f32> = (0..1500)
+            .map(|i| ((i * 7919) % 1500) as f32 * -0.004 + (i % 3) as f32 * 0.01)
+            .collect();
+        for (top_k, top_p, min_p) in [(0, 0.9, 0.0), (800, 0.95, 0.0), (0, 0.8, 0.01)] {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weight = |l: f32| {
+                let w = (l - max).exp();
+                if w >= min_p {
+                    w as f64
+                } else {
+                    0.0
+                }
+            };
+            let mut candidates: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .filter(|&(_, &l)| weight(l) > 0.0)
+                .map(|(i, &l)| (i as u32, l))
+                .collect();
+            truncate(&mut candidates, top_k, top_p, weight);
+            let got: Vec<usize> = candidates.iter().map(|&(i, _)| i as usize).collect();
+
+            let mut allowed: Vec<usize> = ranked(&logits)
+                .into_iter()
+                .filter(|&i| weight(logits[i]) > 0.0)
+                .collect();
+            if top_k > 0 {
+                allowed.truncate(top_k);
+            }
+            let probs = expected(&logits, 1.0, |i| allowed.contains(&i));
+            let want = nucleus(&probs, top_p as f64);
+            assert!(want.len() > 64, "the case must need widening");
+            assert_eq!(got, want, "top_k {top_k} top_p {top_p} min_p {min_p}");
+        }
+    }
+
+    #[test]
+    fn sampling_a_wide_nucleus_follows_it() {
+        let logits: Vec<f32> = (0..300).map(|i| -(i as f32) * 0.01).collect();
+        let params = seeded(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            ..Default::default()
+        });
+        let want = nucleus(&expected(&logits, 1.0, |_| true), 0.9);
+        assert!(want.len() > 64);
+        let freq = frequencies(params, &logits, &[]);
+        assert_matches(&freq, &expected(&logits, 1.0, |i| want.contains(&i)));
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_shift_the_distribution() {
+        let logits = [1.0f32, 1.0, 1.0, 1.0];
+        let params = seeded(SamplingParams {
+            temperature: 1.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..Default::default()
+        });
+        let freq = frequencies(params, &logits, &[0, 0, 1, 0]);
+        let penalised = [1.0 - 0.5 - 3.0 * 0.25, 1.0 - 0.5 - 0.25, 1.0, 1.0];
+        assert_matches(&freq, &expected(&penalised, 1.0, |_| true));
+    }
+
+    #[test]
+    fn negative_presence_penalty_encourages_repeats() {
+        let logits = [0.0f32; 3];
+        let params = seeded(SamplingParams {
+            temperature: 1.0,
+            presence_penalty: -1.0,
+            ..Default::default()
+        });
+        let freq = frequencies(params, &logits, &[2]);
+        assert_matches(&freq, &expected(&[0.0, 0.0, 1.0], 1.0, |_| true));
+    }
+
+    #[test]
+    fn repetition_penalty_covers_prompt_and_output() {
+        let logits = [2.0f32, -1.0, 0.5, 0.5];
+        let mut sampler = Sampler::new(
+            seeded(SamplingParams {
+                temperature: 1.0,
+                repetition_penalty: 1.5,
+                ..Default::default()
+            }),
+            4,
+        )
+        .unwrap();
+        let mut counts = [0usize; 4];
+        let mut generated = vec![1];
+        for _ in 0..DRAWS {
+            let token = sampler
+                .sample(&logits, &[0], &generated, &[])
+                .unwrap()
+                .token;
+            counts[token as usize] += 1;
+            // The output grows, but only with tokens already penalised: the repetition
+            // penalty applies once per distinct token, so the distribution stays the same.
+            if token <= 1 {
+                generated.push(token);
+            }
+        }
+        let freq: Vec<f64> = counts.iter().map(|&c| c as f64 / DRAWS as f64).collect();
+        // Token 0 (prompt) is positive, divided; token 1 (output) negative, multiplied.
+        let penalised = [2.0 / 1.5, -1.5, 0.5, 0.5];
+        assert_matches(&freq, &expected(&penalised, 1.0, |_| true));
+    }
+
+    #[test]
+    fn logit_bias_is_added() {
+        let logits = [0.0f32, 0.0, 0.0];
+        let params = seeded(SamplingParams {
+            temperature: 1.0,
+            logit_bias: HashMap::from([(0, 1.0), (2, -100.0)]),
+            ..Default::default()
+        });
+        let freq = frequencies(params, &logits, &[]);
+        assert_eq!(freq[2], 0.0);
+        assert_matches(&freq, &expected(&[1.0, 0.0, -100.0], 1.0, |_| true));
+    }
+
+    #[test]
+    fn banned_tokens_are_never_chosen() {
+        let logits = [5.0f32, 0.0, 1.0];
+        let mut greedy = Sampler::new(SamplingParams::default(), 3).unwrap();
+        assert_eq!(greedy.sample(&logits, &[], &[], &[0]).unwrap().token, 2);
+        let mut random = Sampler::new(with_temperature(5.0), 3).unwrap();
+        for _ in 0..1000 {
+            assert_ne!(random.sample(&logits, &[], &[], &[0, 2]).unwrap().token, 0);
+        }
+        assert_eq!(
+            random.sample(&logits, &[], &[], &[0, 1, 2]).unwrap_err(),
+            SamplingError::NoCandidates
+        );
+        assert_eq!(
+            greedy.sample(&logits, &[], &[], &[0, 1, 2]).unwrap_err(),
+            SamplingError::NoCandidates
+        );
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_after_penalties_before_temperature() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i as f32) * 0.7).sin() * 3.0).collect();
+        let prompt = [3, 4, 4];
+        let generated = [4, 7, 7, 7];
+        let params = seeded(SamplingParams {
+            temperature: 0.7,
+            top_k: 5,
+            top_p: 0.9,
+            presence_penalty: 0.3,
+            frequency_penalty: 0.2,
+            repetition_penalty: 1.3,
+            logit_bias: HashMap::from([(10, 2.5), (11, -1.0)]),
+            logprobs: Some(6),
+            ..Default::default()
+        });
+        let mut processed: Vec<f64> = logits.iter().map(|&l| l as f64).collect();
+        for id in [3, 4, 7] {
+            let l = &mut processed[id];
+            *l = if *l > 0.0 { *l / 1.3 } else { *l * 1.3 };
+        }
+        processed[4] -= 0.3 + 0.2;
+        processed[7] -= 0.3 + 3.0 * 0.2;
+        processed[10] += 2.5;
+        processed[11] -= 1.0;
+        processed[12] = f64::NEG_INFINITY; // banned
+        let log_z = processed.iter().map(|l| l.exp()).sum::<f64>().ln();
+        let log_softmax: Vec<f64> = processed.iter().map(|l| l - log_z).collect();
+
+        let mut sampler = Sampler::new(params, logits.len()).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let s = sampler.sample(&logits, &prompt, &generated, &[12]).unwrap();
+            seen.insert(s.token);
+            let lp = s.logprob.unwrap() as f64;
+            assert!((lp - log_softmax[s.token as usize]).abs() < 1e-4);
+            let want: Vec<usize> =
+                ranked(&log_softmax.iter().map(|&l| l as f32).collect::<Vec<_>>())
+                    .into_iter()
+                    .take(6)
+                    .collect();
+            let got: Vec<usize> = s.top_logprobs.iter().map(|&(id, _)| id as usize).collect();
+            assert_eq!(got, want);
+            for &(id, lp) in &s.top_logprobs {
+                assert!((lp as f64 - log_softmax[id as usize]).abs() < 1e-4);
+            }
+        }
+        assert!(
+            seen.len() > 1,
+            "temperature sampling, yet logprobs did not change"
+        );
+
+        let mut only_chosen = Sampler::new(
+            SamplingParams {
+                logprobs: Some(0),
+                ..Default::default()
+            },
+            logits.len(),
+        )
+        .unwrap();
+        let s = only_chosen.sample(&logits, &[], &[], &[]).unwrap();
+        assert!(s.logprob.is_some() && s.top_logprobs.is_empty());
+    }
+
+    #[test]
+    fn top_logprobs_skip_impossible_tokens() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                logprobs: Some(5),
+                ..Default::default()
+            },
+            3,
+        )
+        .unwrap();
+        let out = s.sample(&[0.0, 0.0, 1.0], &[], &[], &[1]).unwrap();
+        assert_eq!(out.token, 2);
+        let ids: Vec<u32> = out.top_logprobs.iter().map(|&(id, _)| id).collect();
+        assert_eq!(ids, [2, 0]);
+        let total: f32 = out.top_logprobs.iter().map(|&(_, lp)| lp.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_seed_fixes_the_tokens_whatever_else_is_sampled() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let params = |seed| SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..Default::default()
+        };
+        let alone = {
+            let mut s = Sampler::new(params(7), 50).unwrap();
+            (0..64)
+                .map(|_| s.sample(&logits, &[], &[], &[]).unwrap().token)
+                .collect::<Vec<_>>()
+        };
+        // The same request batched with others, sampled in between them.
+        let mut s = Sampler::new(params(7), 50).unwrap();
+        let mut others: Vec<Sampler> = (0..3)
+            .map(|i| Sampler::new(params(100 + i), 50).unwrap())
+            .collect();
+        let mut batched = Vec::new();
+        for step in 0..64 {
+            for other in others.iter_mut().take(step % 4) {
+                other.sample(&logits, &[], &[], &[]).unwrap();
+            }
+            batched.push(s.sample(&logits, &[], &[], &[]).unwrap().token);
+        }
+        assert_eq!(alone, batched);
+        let mut other_seed = Sampler::new(params(8), 50).unwrap();
+        let different: Vec<u32> = (0..64)
+            .map(|_| other_seed.sample(&logits, &[], &[], &[]).unwrap().token)
+            .collect();
+        assert_ne!(alone, different);
+    }
+
+    #[test]
+    fn nan_logits_are_never_drawn() {
+        let logits = [f32::NAN, 0.0, f32::NAN, 0.0];
+        let freq = frequencies(with_temperature(1.0), &logits, &[]);
+        assert_eq!(freq[0] + freq[2], 0.0);
     }
 
     #[test]
     fn rejects_bad_settings() {
-        let bad_t = SamplingParams {
-            temperature: -1.0,
-            ..Default::default()
+        let check = |params: SamplingParams, error: SamplingError| {
+            assert_eq!(Sampler::new(params, 10).unwrap_err(), error);
         };
-        assert_eq!(
-            Sampler::new(bad_t).unwrap_err(),
-            SamplingError::Temperature(-1.0)
+        let p = SamplingParams::default;
+        check(
+            SamplingParams {
+                temperature: -1.0,
+                ..p()
+            },
+            SamplingError::Temperature(-1.0),
         );
-        let bad_p = SamplingParams {
-            top_p: 0.0,
-            ..Default::default()
-        };
-        assert_eq!(Sampler::new(bad_p).unwrap_err(), SamplingError::TopP(0.0));
+        check(
+            SamplingParams {
+                temperature: f32::INFINITY,
+                ..p()
+            },
+            SamplingError::Temperature(f32::INFINITY),
+        );
+        check(
+            SamplingParams { top_p: 0.0, ..p() },
+            SamplingError::TopP(0.0),
+        );
+        check(
+            SamplingParams { top_p: 1.5, ..p() },
+            SamplingError::TopP(1.5),
+        );
+        check(
+            SamplingParams { min_p: -0.1, ..p() },
+            SamplingError::MinP(-0.1),
+        );
+        check(
+            SamplingParams { min_p: 1.1, ..p() },
+            SamplingError::MinP(1.1),
+        );
+        check(
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..p()
+            },
+            SamplingError::PresencePenalty(2.5),
+        );
+        check(
+            SamplingParams {
+                frequency_penalty: -2.5,
+                ..p()
+            },
+            SamplingError::FrequencyPenalty(-2.5),
+        );
+        check(
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..p()
+            },
+            SamplingError::RepetitionPenalty(0.0),
+        );
+        check(
+            SamplingParams {
+                logit_bias: HashMap::from([(3, 100.5)]),
+                ..p()
+            },
+            SamplingError::LogitBias {
+                token: 3,
+                bias: 100.5,
+            },
+        );
+        check(
+            SamplingParams {
+                logit_bias: HashMap::from([(12, 1.0), (10, 1.0)]),
+                ..p()
+            },
+            SamplingError::LogitBiasToken {
+                token: 10,
+                vocab_size: 10,
+            },
+        );
+        check(
+            SamplingParams {
+                logprobs: Some(21),
+                ..p()
+            },
+            SamplingError::TopLogprobs(21),
+        );
+        assert_eq!(Sampler::new(p(), 0).unwrap_err(), SamplingError::EmptyVocab);
         assert_eq!(
-            sampler(0.0, 0, 1.0, 0).sample(&[]).unwrap_err(),
-            SamplingError::NoLogits
+            SamplingError::LogitBiasToken {
+                token: 10,
+                vocab_size: 10
+            }
+            .to_string(),
+            "logit_bias names token 10, but the vocabulary has 10 tokens"
+        );
+
+        let mut s = Sampler::new(
+            SamplingParams {
+                frequency_penalty: 1.0,
+                ..p()
+            },
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            s.sample(&[0.0; 4], &[], &[], &[]).unwrap_err(),
+            SamplingError::LogitsLen {
+                expected: 3,
+                got: 4
+            }
+        );
+        assert_eq!(
+            s.sample(&[0.0; 3], &[], &[5], &[]).unwrap_err(),
+            SamplingError::TokenOutOfRange {
+                token: 5,
+                vocab_size: 3
+            }
+        );
+        assert_eq!(
+            s.sample(&[0.0; 3], &[], &[], &[3]).unwrap_err(),
+            SamplingError::TokenOutOfRange {
+                token: 3,
+                vocab_size: 3
+            }
         );
     }
 }

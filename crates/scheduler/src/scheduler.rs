@@ -9,12 +9,14 @@
 
 use crate::block_pool::BlockPool;
 use crate::config::EngineConfig;
+use crate::detokenizer::{Detokenizer, TokenDecoder};
 use crate::encoder_cache::EncoderCache;
-use crate::request::{Event, FinishReason, Request, RequestId, Usage};
+use crate::request::{Event, Request, RequestId, Usage};
 use crate::runner::{ForwardSeq, ModelRunner, RunnerError};
 use crate::sampling::Sampler;
 use crate::sequence::{SeqImage, Sequence};
 use crate::stats::EngineStats;
+use crate::stop::{FinishReason, StopChecker, StopReason};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,7 +42,7 @@ pub enum SubmitError {
     #[error("image {0} does not lie within the prompt, in order and without overlap")]
     BadImage(usize),
     #[error("{0}")]
-    Sampling(String),
+    InvalidParams(String),
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -87,14 +89,17 @@ pub struct Scheduler<R: ModelRunner> {
     waiting: VecDeque<Seq<R>>,
     running: Vec<Seq<R>>,
     encoder_cache: EncoderCache<R::ImageEmbeds>,
+    decoder: Arc<dyn TokenDecoder>,
     stats: EngineStats,
     next_id: RequestId,
 }
 
 impl<R: ModelRunner> Scheduler<R> {
-    pub fn new(runner: R, config: EngineConfig) -> Self {
+    /// `decoder` turns tokens into text for every request.
+    pub fn new(runner: R, config: EngineConfig, decoder: Arc<dyn TokenDecoder>) -> Self {
         Self {
             runner,
+            decoder,
             pool: BlockPool::new(config.num_blocks, config.block_size),
             encoder_cache: EncoderCache::new(config.encoder_cache_bytes),
             stats: EngineStats {
@@ -119,8 +124,11 @@ impl<R: ModelRunner> Scheduler<R> {
         events: UnboundedSender<Event>,
     ) -> Result<RequestId, SubmitError> {
         validate(&self.config, &request)?;
-        let sampler =
-            Sampler::new(request.sampling).map_err(|e| SubmitError::Sampling(e.to_string()))?;
+        let vocab = self.runner.vocab_size();
+        let invalid = |e: &dyn std::fmt::Display| SubmitError::InvalidParams(e.to_string());
+        let sampler = Sampler::new(request.sampling, vocab).map_err(|e| invalid(&e))?;
+        let stop = StopChecker::new(request.stop, vocab).map_err(|e| invalid(&e))?;
+        let detokenizer = Detokenizer::new(self.decoder.clone(), request.skip_special_tokens);
         let id = self.next_id;
         self.next_id += 1;
         let prompt_len = request.prompt.len();
@@ -140,7 +148,8 @@ impl<R: ModelRunner> Scheduler<R> {
             hashes: Vec::new(),
             registered: 0,
             sampler,
-            stop: request.stop,
+            stop,
+            detokenizer,
             events,
             cached_tokens: 0,
             arrival: Instant::now(),
@@ -234,9 +243,11 @@ impl<R: ModelRunner> Scheduler<R> {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
+            let mut looked_up = 0;
             if seq.blocks.is_empty() && self.config.enable_prefix_caching {
                 // Keep at least one token to run: its logits give the next token.
                 let reusable = (seq.tokens.len() - 1) / block_size;
+                looked_up = reusable;
                 seq.hash_blocks(reusable, block_size);
                 for hash in &seq.hashes[..reusable] {
                     match self.pool.lookup(*hash) {
@@ -265,6 +276,9 @@ impl<R: ModelRunner> Scheduler<R> {
                 break;
             };
             let mut seq = self.waiting.pop_front().expect("checked above");
+            // Counted in tokens, as vLLM does, and once per admission.
+            self.stats.prefix_queries += (looked_up * block_size) as u64;
+            self.stats.prefix_hits += seq.computed as u64;
             seq.blocks.extend(blocks);
             if seq.first_scheduled.is_none() {
                 let now = Instant::now();
@@ -289,11 +303,11 @@ impl<R: ModelRunner> Scheduler<R> {
         let (start, end) = (seq.computed, seq.computed + want);
         for image in &mut seq.images {
             let range = image.range();
-            if range.end <= start || range.start >= end || image.embeds.is_some() {
-                continue;
-            }
-            if let Some(embeds) = self.encoder_cache.get(image.input.content_hash) {
-                image.embeds = Some(embeds);
+            if range.end <= start
+                || range.start >= end
+                || image.embeds.is_some()
+                || self.encoder_cache.contains(image.input.content_hash)
+            {
                 continue;
             }
             if *encodes < self.config.max_images_per_step {
@@ -305,23 +319,30 @@ impl<R: ModelRunner> Scheduler<R> {
         want
     }
 
-    /// Encodes, in one batch, every image the plan needs that has no embeddings yet.
+    /// Gives every image the plan needs its embeddings: from the encoder cache, or encoded
+    /// now, all in one batch.
     fn encode_images(&mut self, plan: &[(usize, usize)]) -> Result<(), RunnerError> {
         let mut order: Vec<u64> = Vec::new();
         let mut pixels = Vec::new();
         for &(i, n) in plan {
-            let seq = &self.running[i];
+            let seq = &mut self.running[i];
             let (start, end) = (seq.computed, seq.computed + n);
-            for image in &seq.images {
+            for image in &mut seq.images {
                 let r = image.range();
                 let hash = image.input.content_hash;
-                if image.embeds.is_none()
-                    && r.start < end
-                    && start < r.end
-                    && !order.contains(&hash)
+                if image.embeds.is_some()
+                    || r.end <= start
+                    || end <= r.start
+                    || order.contains(&hash)
                 {
-                    order.push(hash);
-                    pixels.push(image.input.pixels.clone());
+                    continue;
+                }
+                match self.encoder_cache.get(hash) {
+                    Some(embeds) => image.embeds = Some(embeds),
+                    None => {
+                        order.push(hash);
+                        pixels.push(image.input.pixels.clone());
+                    }
                 }
             }
         }
@@ -397,7 +418,7 @@ impl<R: ModelRunner> Scheduler<R> {
     fn advance(&mut self, plan: &[(usize, usize)], rows: Vec<Vec<f32>>) {
         let block_size = self.config.block_size;
         let mut rows = rows.into_iter();
-        let mut finished = Vec::new();
+        let mut finished: Vec<(usize, Option<Ending>)> = Vec::new();
         for &(i, n) in plan {
             let seq = &mut self.running[i];
             let wants_logits = seq.computed + n == seq.tokens.len();
@@ -414,16 +435,21 @@ impl<R: ModelRunner> Scheduler<R> {
                 continue;
             }
             let logits = rows.next().expect("counted in forward");
-            let token = match seq.sampler.sample(&logits) {
-                Ok(token) => token,
-                Err(e) => {
-                    let _ = seq.events.send(Event::Error {
-                        message: e.to_string(),
-                    });
-                    finished.push((i, None));
-                    continue;
-                }
-            };
+            let (prompt, generated) = seq.tokens.split_at(seq.prompt_len);
+            let sampled =
+                match seq
+                    .sampler
+                    .sample(&logits, prompt, generated, seq.stop.banned_tokens())
+                {
+                    Ok(sampled) => sampled,
+                    Err(e) => {
+                        let _ = seq.events.send(Event::Error {
+                            message: e.to_string(),
+                        });
+                        finished.push((i, None));
+                        continue;
+                    }
+                };
             let now = Instant::now();
             match seq.last_token {
                 None => {
@@ -433,29 +459,54 @@ impl<R: ModelRunner> Scheduler<R> {
                 Some(last) => seq.timings.inter_token.push(now - last),
             }
             seq.last_token = Some(now);
-            seq.tokens.push(token);
-            let eos = Some(token) == seq.stop.eos_token_id && !seq.stop.ignore_eos;
-            if !eos {
-                let _ = seq.events.send(Event::Token { id: token });
+            seq.tokens.push(sampled.token);
+            let delta = seq.detokenizer.push(sampled.token);
+            // `validate` keeps prompt + max_tokens within max_model_len.
+            let step = seq.stop.push(sampled.token, &delta);
+            let stopped_by_token = matches!(
+                step.stop_reason,
+                Some(StopReason::Eos) | Some(StopReason::Token(_))
+            );
+            let Some(reason) = step.finish else {
+                let _ = seq.events.send(Event::Token {
+                    id: sampled.token,
+                    text: step.text,
+                    logprob: sampled.logprob,
+                    top_logprobs: sampled.top_logprobs,
+                });
+                continue;
+            };
+            let mut text = step.text;
+            if !stopped_by_token {
+                if step.stop_reason.is_none() {
+                    // Length: the full decode's last characters, even if incomplete.
+                    text.push_str(&seq.detokenizer.flush());
+                }
+                let _ = seq.events.send(Event::Token {
+                    id: sampled.token,
+                    text: std::mem::take(&mut text),
+                    logprob: sampled.logprob,
+                    top_logprobs: sampled.top_logprobs,
+                });
             }
-            if eos {
-                finished.push((i, Some(FinishReason::Stop)));
-            } else if seq.generated() >= seq.stop.max_tokens
-                || seq.tokens.len() >= self.config.max_model_len
-            {
-                finished.push((i, Some(FinishReason::Length)));
-            }
+            finished.push((i, Some((reason, step.stop_reason, text))));
         }
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, reason) in finished {
+        for (i, end) in finished {
             let seq = self.running.remove(i);
-            if let Some(reason) = reason {
-                self.finish(seq, reason);
+            if let Some((reason, stop_reason, text)) = end {
+                self.finish(seq, reason, stop_reason, text);
             }
         }
     }
 
-    fn finish(&mut self, mut seq: Seq<R>, reason: FinishReason) {
+    fn finish(
+        &mut self,
+        mut seq: Seq<R>,
+        reason: FinishReason,
+        stop_reason: Option<StopReason>,
+        text: String,
+    ) {
         let now = Instant::now();
         seq.timings.end_to_end = now - seq.arrival;
         if let Some(first) = seq.first_scheduled {
@@ -471,7 +522,9 @@ impl<R: ModelRunner> Scheduler<R> {
         };
         self.stats.finished += 1;
         let _ = seq.events.send(Event::Finished {
+            text,
             reason,
+            stop_reason,
             usage,
             timings: seq.timings.clone(),
         });
@@ -491,17 +544,17 @@ impl<R: ModelRunner> Scheduler<R> {
     }
 
     fn update_stats(&mut self) {
-        let (queries, hits) = self.pool.prefix_stats();
         let s = &mut self.stats;
         s.running = self.running.len();
         s.waiting = self.waiting.len();
         s.blocks_used = self.config.num_blocks - self.pool.num_free();
-        s.prefix_queries = queries;
-        s.prefix_hits = hits;
         s.image_cache_queries = self.encoder_cache.queries;
         s.image_cache_hits = self.encoder_cache.hits;
     }
 }
+
+/// How a sequence ended: reason, what stopped it, last text.
+type Ending = (FinishReason, Option<StopReason>, String);
 
 /// Which sequence `image_limit` looks at.
 #[derive(Clone, Copy)]

@@ -1,9 +1,11 @@
 //! One request's state inside the engine.
 
 use crate::block_pool::{Block, BlockHash};
+use crate::detokenizer::Detokenizer;
 use crate::prefix_hash::{block_hash, ImagePart};
-use crate::request::{Event, ImageInput, RequestTimings, StopParams};
+use crate::request::{Event, ImageInput, RequestTimings};
 use crate::sampling::Sampler;
+use crate::stop::StopChecker;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,7 +36,8 @@ pub(crate) struct Sequence<P, E> {
     /// Full blocks already registered in the prefix cache.
     pub registered: usize,
     pub sampler: Sampler,
-    pub stop: StopParams,
+    pub stop: StopChecker,
+    pub detokenizer: Detokenizer,
     pub events: UnboundedSender<Event>,
     pub cached_tokens: usize,
     pub arrival: Instant,

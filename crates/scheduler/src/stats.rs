@@ -10,7 +10,7 @@ pub struct EngineStats {
     pub blocks_used: usize,
     pub blocks_total: usize,
     pub preemptions: u64,
-    /// Prefix-cache block lookups and hits.
+    /// Prompt tokens looked up in the prefix cache at admission, and those found.
     pub prefix_queries: u64,
     pub prefix_hits: u64,
     /// Encoder-cache lookups and hits.

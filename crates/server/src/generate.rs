@@ -1,14 +1,17 @@
-//! `internvl generate`: one prompt about one image, answered on stdout, timed on stderr.
+//! `internvl generate`: one prompt about images, answered on stdout, timed on stderr.
+//!
+//! It runs the same engine the server does, with one request.
 
 use crate::device::{demo_model_dir, parse_device, parse_dtype};
 use anyhow::{bail, Context};
-use candle_core::Tensor;
 use internvl_model::preprocess::preprocess;
 use internvl_model::prompt::{ChatMessage, Part, Role};
-use internvl_model::{LoadedModel, PagedKvCache, SequenceSlice};
-use internvl_scheduler::{Sampler, SamplingParams};
+use internvl_model::LoadedModel;
+use internvl_scheduler::{Engine, EngineConfig, Event, SamplingParams, StopParams};
+use internvl_server::runner::{image_inputs, CandleRunner, TokenizerDecoder};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BLOCK_SIZE: usize = 16;
@@ -45,9 +48,6 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    if args.max_tokens == 0 {
-        bail!("--max-tokens must be at least 1");
-    }
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let dir = match &args.model {
@@ -61,11 +61,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             demo_model_dir()
         }
     };
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: args.temperature,
-        seed: args.seed,
-        ..SamplingParams::default()
-    })?;
 
     let start = Instant::now();
     let loaded = LoadedModel::load(&dir, &device, dtype)
@@ -81,6 +76,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             preprocess(&bytes, &loaded.preprocess)
                 .with_context(|| format!("decoding {}", path.display()))
+                .map(|p| (bytes, p))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let preprocess_time = start.elapsed();
@@ -91,8 +87,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         role: Role::User,
         parts,
     }])?;
-    let model = &loaded.model;
-    let max_len = model.config().llm.max_position_embeddings;
+    let config = loaded.model.config();
+    let max_len = config.llm.max_position_embeddings;
     let total = prompt.ids.len() + args.max_tokens;
     if total > max_len {
         bail!(
@@ -101,83 +97,61 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             args.max_tokens
         );
     }
+    let num_blocks = total.div_ceil(BLOCK_SIZE);
+    let mut engine_config = EngineConfig::new(num_blocks, BLOCK_SIZE, max_len);
+    engine_config.enable_prefix_caching = false;
+    let runner = CandleRunner::new(loaded.model.clone(), num_blocks, BLOCK_SIZE)?;
+    let decoder = Arc::new(TokenizerDecoder(loaded.tokenizer.clone()));
+    let engine = Engine::start(runner, engine_config, decoder).map_err(anyhow::Error::msg)?;
+    let mut stream = engine.submit(internvl_scheduler::Request {
+        images: image_inputs(&prompt, config.num_image_tokens(), pixels),
+        prompt: prompt.ids.clone(),
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            seed: args.seed,
+            ..SamplingParams::default()
+        },
+        stop: StopParams {
+            max_tokens: args.max_tokens,
+            eos_token_id: Some(loaded.tokenizer.eos_id()),
+            ignore_eos: args.ignore_eos,
+            ..StopParams::default()
+        },
+        skip_special_tokens: true,
+    })?;
 
-    let start = Instant::now();
-    let image_embeds = if pixels.is_empty() {
-        None
-    } else {
-        let embeds = model.encode_images(&loaded.pixel_tensor(&pixels)?)?;
-        Some(embeds.flatten_to(1)?)
-    };
-    let vision_time = start.elapsed();
-
-    let mut cache = model.new_kv_cache(total.div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
-    let block_table: Vec<u32> = (0..cache.num_blocks() as u32).collect();
-    let step = |ids: &[u32],
-                start: usize,
-                images: Option<&Tensor>,
-                cache: &mut PagedKvCache|
-     -> anyhow::Result<Vec<f32>> {
-        let embeddings = model.embed(ids, images)?;
-        let slice = SequenceSlice {
-            start,
-            len: ids.len(),
-            block_table: block_table.clone(),
-            wants_logits: true,
-        };
-        let logits = model.forward(&embeddings, &[slice], cache)?;
-        Ok(logits.squeeze(0)?.to_vec1()?)
-    };
-
-    let start = Instant::now();
-    let mut logits = step(&prompt.ids, 0, image_embeds.as_ref(), &mut cache)?;
-    let prefill_time = start.elapsed();
-
-    let eos = loaded.tokenizer.eos_id();
-    let mut generated: Vec<u32> = Vec::new();
-    let mut printed = String::new();
     let mut stdout = std::io::stdout().lock();
-    let start = Instant::now();
-    loop {
-        let token = sampler.sample(&logits)?;
-        if token == eos && !args.ignore_eos {
-            break;
+    let mut generated = 0;
+    let timings = loop {
+        match stream.next_blocking() {
+            Some(Event::Token { text, .. }) => {
+                generated += 1;
+                write!(stdout, "{text}")?;
+                stdout.flush()?;
+            }
+            Some(Event::Finished { text, timings, .. }) => {
+                writeln!(stdout, "{text}")?;
+                break timings;
+            }
+            Some(Event::Error { message }) => bail!(message),
+            None => bail!("the engine stopped"),
         }
-        generated.push(token);
-        let text = loaded.tokenizer.decode(&generated, true);
-        // Hold back an incomplete UTF-8 character until its last byte arrives.
-        if !text.ends_with('\u{fffd}') && text.starts_with(&printed) {
-            write!(stdout, "{}", &text[printed.len()..])?;
-            stdout.flush()?;
-            printed = text;
-        }
-        if generated.len() == args.max_tokens {
-            break;
-        }
-        let position = prompt.ids.len() + generated.len() - 1;
-        logits = step(&[token], position, None, &mut cache)?;
-    }
-    let decode_time = start.elapsed();
-    let text = loaded.tokenizer.decode(&generated, true);
-    if let Some(rest) = text.strip_prefix(printed.as_str()) {
-        write!(stdout, "{rest}")?;
-    }
-    writeln!(stdout)?;
-
-    let decode_steps = generated.len().saturating_sub(1).max(1);
+    };
+    let vision = engine.stats().encode_time;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let decode_steps = generated.max(2) - 1;
     eprintln!(
         "load {:.0} ms | preprocess {:.1} ms ({} images) | vision {:.1} ms | prefill {:.1} ms \
          ({} tokens) | decode {} tokens in {:.1} ms ({:.1} tok/s)",
         ms(load_time),
         ms(preprocess_time),
-        pixels.len(),
-        ms(vision_time),
-        ms(prefill_time),
+        args.image.len(),
+        ms(vision),
+        ms(timings.prefill.saturating_sub(vision)),
         prompt.ids.len(),
-        generated.len(),
-        ms(decode_time),
-        decode_steps as f64 / decode_time.as_secs_f64().max(1e-9),
+        generated,
+        ms(timings.decode),
+        decode_steps as f64 / timings.decode.as_secs_f64().max(1e-9),
     );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `internvl`: serve InternVL-Chat V1.1, or run it once from the command line.
 
+mod bench;
 mod device;
 mod generate;
 
@@ -16,6 +17,8 @@ struct Cli {
 enum Command {
     /// Answer one prompt about one image and print timings.
     Generate(generate::GenerateArgs),
+    /// Measure throughput and time to first token of concurrent image chats.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,5 +30,6 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

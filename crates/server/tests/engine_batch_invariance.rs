@@ -1,0 +1,221 @@
+//! The engine over the real model (the demo checkpoint, f32 on CPU): whatever else is in the
+//! batch, whenever it arrives, however it is chunked, preempted or served from the prefix
+//! cache, each greedy request yields exactly the tokens it yields alone.
+
+use candle_core::Device;
+use internvl_model::preprocess::{preprocess, PixelValues};
+use internvl_model::prompt::{ChatMessage, Part, Role};
+use internvl_model::LoadedModel;
+use internvl_scheduler::scheduler::Scheduler;
+use internvl_scheduler::{
+    EngineConfig, Event, ImageInput, Request, SamplingParams, StopParams, TokenDecoder,
+};
+use internvl_server::runner::{CandleRunner, TokenizerDecoder};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+const BLOCK_SIZE: usize = 16;
+const MAX_TOKENS: usize = 24;
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+struct Fixture {
+    loaded: LoadedModel,
+    images: Vec<(u64, Arc<PixelValues>)>,
+}
+
+fn fixture() -> Fixture {
+    let loaded =
+        LoadedModel::load(&root().join("models/demo-internvl"), &Device::Cpu, None).unwrap();
+    let images = [
+        "model-a.png",
+        "model-b.png",
+        "jpg_420_333x250.jpg",
+        "png_rgb_37x1001.png",
+    ]
+    .iter()
+    .map(|f| {
+        let bytes = std::fs::read(root().join("tests/fixtures/images").join(f)).unwrap();
+        let mut h = DefaultHasher::new();
+        bytes.hash(&mut h);
+        (
+            h.finish(),
+            Arc::new(preprocess(&bytes, &loaded.preprocess).unwrap()),
+        )
+    })
+    .collect();
+    Fixture { loaded, images }
+}
+
+/// 32 conversations: text only, one image, two images, multi-turn; different lengths.
+fn conversations(rng: &mut StdRng, images: usize) -> Vec<(Vec<ChatMessage>, Vec<usize>)> {
+    let questions = [
+        "Describe the picture.",
+        "这张图片里有什么？请详细描述。",
+        "What colour dominates, and where is the brightest region?",
+        "数一数图中有几个物体",
+        "Hello",
+        "Write a long poem about the sea, the wind, the stars and the people who sail at night 海上的夜晚",
+    ];
+    (0..32)
+        .map(|i| {
+            let q = questions[rng.random_range(0..questions.len())].to_string();
+            let pick = |rng: &mut StdRng| rng.random_range(0..images);
+            match i % 4 {
+                0 => (vec![ChatMessage::text(Role::User, q)], vec![]),
+                1 => {
+                    let img = pick(rng);
+                    (vec![user(1, &q)], vec![img])
+                }
+                2 => {
+                    let (a, b) = (pick(rng), pick(rng));
+                    (vec![user(2, &q)], vec![a, b])
+                }
+                _ => {
+                    let img = pick(rng);
+                    let history = vec![
+                        user(1, "What is this?"),
+                        ChatMessage::text(Role::Assistant, "An image with shapes."),
+                        ChatMessage::text(Role::User, q),
+                    ];
+                    (history, vec![img])
+                }
+            }
+        })
+        .collect()
+}
+
+fn user(images: usize, text: &str) -> ChatMessage {
+    let mut parts = vec![Part::Image; images];
+    parts.push(Part::Text(text.into()));
+    ChatMessage {
+        role: Role::User,
+        parts,
+    }
+}
+
+fn request(f: &Fixture, messages: &[ChatMessage], images: &[usize]) -> Request<PixelValues> {
+    let prompt = f.loaded.encode_prompt(messages).unwrap();
+    let context = f.loaded.model.image_context_id();
+    let tokens = f.loaded.model.config().num_image_tokens();
+    let offsets: Vec<usize> = (0..prompt.ids.len())
+        .filter(|&i| prompt.ids[i] == context && (i == 0 || prompt.ids[i - 1] != context))
+        .collect();
+    assert_eq!(offsets.len(), images.len());
+    Request {
+        prompt: prompt.ids,
+        images: offsets
+            .iter()
+            .zip(images)
+            .map(|(&offset, &img)| ImageInput {
+                offset,
+                num_tokens: tokens,
+                content_hash: f.images[img].0,
+                pixels: f.images[img].1.clone(),
+            })
+            .collect(),
+        sampling: SamplingParams::default(),
+        stop: StopParams {
+            max_tokens: MAX_TOKENS,
+            eos_token_id: Some(f.loaded.tokenizer.eos_id()),
+            ..StopParams::default()
+        },
+        skip_special_tokens: true,
+    }
+}
+
+fn tokens(rx: &mut UnboundedReceiver<Event>) -> Vec<u32> {
+    let mut out = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            Event::Token { id, .. } => out.push(id),
+            Event::Finished { .. } => return out,
+            Event::Error { message } => panic!("request failed: {message}"),
+        }
+    }
+    panic!("request did not finish");
+}
+
+fn decoder(f: &Fixture) -> Arc<dyn TokenDecoder> {
+    Arc::new(TokenizerDecoder(f.loaded.tokenizer.clone()))
+}
+
+fn scheduler(f: &Fixture, config: &EngineConfig) -> Scheduler<CandleRunner> {
+    let runner =
+        CandleRunner::new(f.loaded.model.clone(), config.num_blocks, config.block_size).unwrap();
+    Scheduler::new(runner, config.clone(), decoder(f))
+}
+
+#[test]
+fn each_request_yields_what_it_yields_alone() {
+    let f = fixture();
+    let mut rng = StdRng::seed_from_u64(11);
+    let convs = conversations(&mut rng, f.images.len());
+    let max_len = f.loaded.model.config().llm.max_position_embeddings;
+
+    let mut alone_config = EngineConfig::new(64, BLOCK_SIZE, max_len);
+    alone_config.enable_prefix_caching = false;
+    let mut alone = scheduler(&f, &alone_config);
+    let expected: Vec<Vec<u32>> = convs
+        .iter()
+        .map(|(m, imgs)| {
+            let (tx, mut rx) = unbounded_channel();
+            alone.add(request(&f, m, imgs), tx).unwrap();
+            while alone.has_work() {
+                alone.step();
+            }
+            tokens(&mut rx)
+        })
+        .collect();
+
+    // (prefix caching, blocks, token budget): roomy; preempting; preempting with small chunks.
+    for (prefix, blocks, budget) in [(true, 1200, 2048), (false, 40, 2048), (true, 40, 300)] {
+        let mut config = EngineConfig::new(blocks, BLOCK_SIZE, max_len);
+        config.enable_prefix_caching = prefix;
+        config.max_num_batched_tokens = budget;
+        config.max_images_per_step = 3;
+        let mut s = scheduler(&f, &config);
+        let mut arrivals: Vec<usize> = (0..convs.len()).map(|_| rng.random_range(0..12)).collect();
+        arrivals.sort();
+        let mut streams = Vec::new();
+        let mut step = 0;
+        while streams.len() < convs.len() || s.has_work() {
+            while streams.len() < convs.len() && arrivals[streams.len()] <= step {
+                let (m, imgs) = &convs[streams.len()];
+                let (tx, rx) = unbounded_channel();
+                s.add(request(&f, m, imgs), tx).unwrap();
+                streams.push(rx);
+            }
+            s.step();
+            step += 1;
+        }
+        let stats = s.stats().clone();
+        for (i, rx) in streams.iter_mut().enumerate() {
+            assert_eq!(
+                tokens(rx),
+                expected[i],
+                "request {i}: prefix {prefix}, {blocks} blocks, budget {budget}"
+            );
+        }
+        assert_eq!(s.free_blocks(), blocks);
+        if blocks < 100 {
+            assert!(
+                stats.preemptions > 0,
+                "the small pool must force preemption"
+            );
+        }
+        if prefix {
+            assert!(stats.prefix_hits > 0);
+        }
+        println!(
+            "prefix {prefix}, {blocks} blocks, budget {budget}: {step} steps, {} preemptions, prefix hits {}/{}, image cache hits {}/{}",
+            stats.preemptions, stats.prefix_hits, stats.prefix_queries, stats.image_cache_hits, stats.image_cache_queries
+        );
+    }
+}
