@@ -19,7 +19,18 @@ pub struct ImageInput<P> {
     pub pixels: Arc<P>,
 }
 
-/// A request for one completion.
+impl<P> Clone for ImageInput<P> {
+    fn clone(&self) -> Self {
+        ImageInput {
+            offset: self.offset,
+            num_tokens: self.num_tokens,
+            content_hash: self.content_hash,
+            pixels: self.pixels.clone(),
+        }
+    }
+}
+
+/// A request for one or more completions of a prompt.
 pub struct Request<P> {
     pub prompt: Vec<u32>,
     pub images: Vec<ImageInput<P>>,
@@ -27,6 +38,8 @@ pub struct Request<P> {
     pub stop: StopParams,
     /// Whether special tokens are left out of the text (upstream: yes).
     pub skip_special_tokens: bool,
+    /// Independent completions of the prompt; they share its KV blocks.
+    pub n: usize,
 }
 
 /// Token counts of a finished request.
@@ -56,12 +69,15 @@ pub struct RequestTimings {
     pub preemptions: usize,
 }
 
-/// What the engine reports about a request, in order.
+/// What the engine reports about a request, in order for each completion. Every completion
+/// ends with `Finished`, unless an `Error` ends the whole request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A generated token, with the text it completes (often empty: the rest of a character,
     /// or text that may still become a stop string, comes later). Stop tokens are not reported.
     Token {
+        /// Which of the request's `n` completions.
+        index: usize,
         id: u32,
         text: String,
         logprob: Option<f32>,
@@ -69,6 +85,7 @@ pub enum Event {
     },
     /// The request is over, with the last text held back until now; nothing follows.
     Finished {
+        index: usize,
         text: String,
         reason: FinishReason,
         stop_reason: Option<StopReason>,

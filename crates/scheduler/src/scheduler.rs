@@ -13,8 +13,8 @@ use crate::detokenizer::{Detokenizer, TokenDecoder};
 use crate::encoder_cache::EncoderCache;
 use crate::request::{Event, Request, RequestId, Usage};
 use crate::runner::{ForwardSeq, ModelRunner, RunnerError};
-use crate::sampling::Sampler;
-use crate::sequence::{SeqImage, Sequence};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::sequence::{Fork, SeqImage, Sequence};
 use crate::stats::EngineStats;
 use crate::stop::{FinishReason, StopChecker, StopReason};
 use std::collections::{HashMap, VecDeque};
@@ -43,15 +43,23 @@ pub enum SubmitError {
     BadImage(usize),
     #[error("{0}")]
     InvalidParams(String),
+    #[error("n must be between 1 and {MAX_N}, got {0}")]
+    BadN(usize),
     #[error("the engine has stopped")]
     Stopped,
 }
+
+/// Most completions one request may ask for.
+pub const MAX_N: usize = 128;
 
 /// Checks that a request could ever complete; what the engine refuses at once.
 pub fn validate<P>(config: &EngineConfig, request: &Request<P>) -> Result<(), SubmitError> {
     let prompt = request.prompt.len();
     if prompt == 0 {
         return Err(SubmitError::EmptyPrompt);
+    }
+    if request.n == 0 || request.n > MAX_N {
+        return Err(SubmitError::BadN(request.n));
     }
     let max_tokens = request.stop.max_tokens;
     if max_tokens == 0 {
@@ -126,6 +134,12 @@ impl<R: ModelRunner> Scheduler<R> {
         validate(&self.config, &request)?;
         let vocab = self.runner.vocab_size();
         let invalid = |e: &dyn std::fmt::Display| SubmitError::InvalidParams(e.to_string());
+        let fork = (request.n > 1).then(|| Fork {
+            n: request.n,
+            sampling: request.sampling.clone(),
+            stop: request.stop.clone(),
+            skip_special_tokens: request.skip_special_tokens,
+        });
         let sampler = Sampler::new(request.sampling, vocab).map_err(|e| invalid(&e))?;
         let stop = StopChecker::new(request.stop, vocab).map_err(|e| invalid(&e))?;
         let detokenizer = Detokenizer::new(self.decoder.clone(), request.skip_special_tokens);
@@ -133,6 +147,8 @@ impl<R: ModelRunner> Scheduler<R> {
         self.next_id += 1;
         let prompt_len = request.prompt.len();
         self.waiting.push_back(Sequence {
+            index: 0,
+            fork,
             tokens: request.prompt,
             prompt_len,
             images: request
@@ -419,6 +435,7 @@ impl<R: ModelRunner> Scheduler<R> {
         let block_size = self.config.block_size;
         let mut rows = rows.into_iter();
         let mut finished: Vec<(usize, Option<Ending>)> = Vec::new();
+        let mut siblings = Vec::new();
         for &(i, n) in plan {
             let seq = &mut self.running[i];
             let wants_logits = seq.computed + n == seq.tokens.len();
@@ -434,6 +451,10 @@ impl<R: ModelRunner> Scheduler<R> {
             if !wants_logits {
                 continue;
             }
+            if let Some(fork) = seq.fork.take() {
+                siblings.extend(self.siblings(i, fork));
+            }
+            let seq = &mut self.running[i];
             let logits = rows.next().expect("counted in forward");
             let (prompt, generated) = seq.tokens.split_at(seq.prompt_len);
             let sampled =
@@ -469,6 +490,7 @@ impl<R: ModelRunner> Scheduler<R> {
             );
             let Some(reason) = step.finish else {
                 let _ = seq.events.send(Event::Token {
+                    index: seq.index,
                     id: sampled.token,
                     text: step.text,
                     logprob: sampled.logprob,
@@ -483,6 +505,7 @@ impl<R: ModelRunner> Scheduler<R> {
                     text.push_str(&seq.detokenizer.flush());
                 }
                 let _ = seq.events.send(Event::Token {
+                    index: seq.index,
                     id: sampled.token,
                     text: std::mem::take(&mut text),
                     logprob: sampled.logprob,
@@ -490,6 +513,10 @@ impl<R: ModelRunner> Scheduler<R> {
                 });
             }
             finished.push((i, Some((reason, step.stop_reason, text))));
+        }
+        // Siblings go first in line, in order: they hold the prompt's blocks already.
+        for sibling in siblings.into_iter().rev() {
+            self.waiting.push_front(sibling);
         }
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         for (i, end) in finished {
@@ -522,12 +549,58 @@ impl<R: ModelRunner> Scheduler<R> {
         };
         self.stats.finished += 1;
         let _ = seq.events.send(Event::Finished {
+            index: seq.index,
             text,
             reason,
             stop_reason,
             usage,
             timings: seq.timings.clone(),
         });
+    }
+
+    /// The other completions of an `n > 1` request whose prompt `running[i]` just computed.
+    ///
+    /// They share the prompt's full blocks; each recomputes the tokens of the last, partial
+    /// block (fewer than a block) into a block of its own, so no block is written by two
+    /// sequences. Each gets its own random stream: seed + index when seeded.
+    fn siblings(&self, i: usize, fork: Fork) -> Vec<Seq<R>> {
+        let parent = &self.running[i];
+        let block_size = self.config.block_size;
+        let vocab = self.runner.vocab_size();
+        let shared = (parent.tokens.len() - 1) / block_size;
+        (1..fork.n)
+            .filter_map(|index| {
+                let sampling = SamplingParams {
+                    seed: fork.sampling.seed.map(|s| s.wrapping_add(index as u64)),
+                    ..fork.sampling.clone()
+                };
+                // Both were validated with the parent's identical settings.
+                let sampler = Sampler::new(sampling, vocab).ok()?;
+                let stop = StopChecker::new(fork.stop.clone(), vocab).ok()?;
+                let mut hashes = parent.hashes.clone();
+                hashes.truncate(shared);
+                Some(Sequence {
+                    index,
+                    fork: None,
+                    tokens: parent.tokens.clone(),
+                    prompt_len: parent.prompt_len,
+                    images: parent.images.clone(),
+                    computed: shared * block_size,
+                    blocks: parent.blocks[..shared].to_vec(),
+                    registered: shared.min(parent.registered),
+                    hashes,
+                    sampler,
+                    stop,
+                    detokenizer: Detokenizer::new(self.decoder.clone(), fork.skip_special_tokens),
+                    events: parent.events.clone(),
+                    cached_tokens: parent.cached_tokens,
+                    arrival: parent.arrival,
+                    first_scheduled: parent.first_scheduled,
+                    last_token: None,
+                    timings: parent.timings.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Fails every sequence of a step whose encode or forward failed.

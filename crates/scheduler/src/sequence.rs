@@ -5,7 +5,9 @@ use crate::detokenizer::Detokenizer;
 use crate::prefix_hash::{block_hash, ImagePart};
 use crate::request::{Event, ImageInput, RequestTimings};
 use crate::sampling::Sampler;
+use crate::sampling::SamplingParams;
 use crate::stop::StopChecker;
+use crate::stop::StopParams;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,13 +19,34 @@ pub(crate) struct SeqImage<P, E> {
     pub embeds: Option<Arc<E>>,
 }
 
+impl<P, E> Clone for SeqImage<P, E> {
+    fn clone(&self) -> Self {
+        SeqImage {
+            input: self.input.clone(),
+            embeds: self.embeds.clone(),
+        }
+    }
+}
+
 impl<P, E> SeqImage<P, E> {
     pub fn range(&self) -> Range<usize> {
         self.input.offset..self.input.offset + self.input.num_tokens
     }
 }
 
+/// What the siblings of an `n > 1` request are made from, once its prompt is computed.
+pub(crate) struct Fork {
+    pub n: usize,
+    pub sampling: SamplingParams,
+    pub stop: StopParams,
+    pub skip_special_tokens: bool,
+}
+
 pub(crate) struct Sequence<P, E> {
+    /// Which completion of its request this is.
+    pub index: usize,
+    /// Set on the first completion of an `n > 1` request until its prompt is computed.
+    pub fork: Option<Fork>,
     /// Prompt then generated tokens.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,

@@ -146,6 +146,7 @@ pub fn request(
             ..StopParams::default()
         },
         skip_special_tokens: true,
+        n: 1,
     }
 }
 
@@ -165,6 +166,7 @@ fn clone_request(r: &Request<u64>) -> Request<u64> {
         sampling: r.sampling.clone(),
         stop: r.stop.clone(),
         skip_special_tokens: r.skip_special_tokens,
+        n: r.n,
     }
 }
 
@@ -467,4 +469,59 @@ fn no_block_leaks_under_random_load() {
         }
         assert!(submitted > 400);
     }
+}
+
+/// `n` completions share the prompt's blocks, and completion `k` is what a lone request
+/// seeded with seed + k yields.
+#[test]
+fn n_completions_share_the_prompt() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let mut config = EngineConfig::new(200, 8, 1024);
+    config.enable_prefix_caching = false;
+    let mut r = request(&mut rng, 100, &[(10, 32, 9)], 12);
+    r.sampling = SamplingParams {
+        temperature: 5.0,
+        seed: Some(40),
+        ..SamplingParams::default()
+    };
+    r.n = 4;
+    let alone: Vec<Vec<u32>> = (0..4u64)
+        .map(|k| {
+            let mut single = clone_request(&r);
+            single.n = 1;
+            single.sampling.seed = Some(40 + k);
+            run_alone(&config, &single).tokens
+        })
+        .collect();
+    assert!(alone.iter().any(|t| t != &alone[0]), "seeds must matter");
+
+    let mut s = Scheduler::new(FakeRunner::new(&config), config.clone(), decoder());
+    let (tx, mut rx) = unbounded_channel();
+    s.add(r, tx).unwrap();
+    let mut peak_used = 0;
+    while s.has_work() {
+        s.step();
+        peak_used = peak_used.max(200 - s.free_blocks());
+    }
+    // Alone, each would hold ceil(112 / 8) = 14 blocks: 56 for four.
+    assert!(
+        peak_used <= 12 + 4 * 2,
+        "prompt blocks are shared: peak {peak_used}"
+    );
+    let mut outputs = vec![Vec::new(); 4];
+    let mut finished = [false; 4];
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            Event::Token { index, id, .. } => outputs[index].push(id),
+            Event::Finished { index, usage, .. } => {
+                assert!(!finished[index]);
+                finished[index] = true;
+                assert_eq!(usage.prompt_tokens, 100);
+            }
+            Event::Error { message } => panic!("{message}"),
+        }
+    }
+    assert_eq!(finished, [true; 4]);
+    assert_eq!(outputs, alone);
+    assert_eq!(s.free_blocks(), 200);
 }

@@ -134,6 +134,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         ..StopParams::default()
                     },
                     skip_special_tokens: true,
+                    n: 1,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

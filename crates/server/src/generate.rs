@@ -118,6 +118,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ..StopParams::default()
         },
         skip_special_tokens: true,
+        n: 1,
     })?;
 
     let mut stdout = std::io::stdout().lock();

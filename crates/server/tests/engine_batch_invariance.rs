@@ -127,6 +127,7 @@ fn request(f: &Fixture, messages: &[ChatMessage], images: &[usize]) -> Request<P
             ..StopParams::default()
         },
         skip_special_tokens: true,
+        n: 1,
     }
 }
 
