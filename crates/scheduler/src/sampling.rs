@@ -1,8 +1,9 @@
 //! Choosing a request's next token from its logits, with OpenAI's and vLLM's settings.
 //!
 //! One step, in order:
-//! 1. the logits are processed: repetition penalty, presence and frequency penalties (see
-//!    [`crate::logits_processors`]), logit bias, then the banned tokens (min_tokens) set to -inf;
+//! 1. the logits are processed: repetition penalty, presence and frequency penalties (kept
+//!    incrementally, see `logits_processors.rs`), logit bias, then the banned tokens
+//!    (min_tokens) set to -inf;
 //! 2. logprobs, when asked for, are the log-softmax of these processed logits, before
 //!    temperature and truncation (see [`Sampled`]);
 //! 3. temperature 0 takes the argmax; otherwise the logits are divided by the temperature and
@@ -11,7 +12,8 @@
 //!
 //! Each request owns its [`Sampler`] and so its random stream: with a seed, its tokens depend
 //! only on its own logits, never on which other requests share the batch or in what order they
-//! are sampled. A random step consumes exactly one draw; a greedy step none.
+//! are sampled. A random step consumes exactly one draw; a greedy step none. (Across builds,
+//! the same seed gives the same tokens as long as `rand`'s `StdRng` algorithm stays the same.)
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -220,8 +222,11 @@ impl Sampler {
     /// incrementally). `banned` tokens cannot be chosen: pass
     /// [`crate::StopChecker::banned_tokens`] for min_tokens.
     ///
-    /// Cost: O(vocabulary) for the exponentials, plus O(distinct tokens seen) for penalties.
-    /// Only top_p sorts, and only as many of the most likely tokens as its nucleus needs.
+    /// Cost: one pass of exponentials over the vocabulary (about 0.3 ms for 42k entries on
+    /// one core; none when greedy), a copy of the logits when penalties, bias or bans apply,
+    /// O(distinct tokens seen) for the penalties, and another pass of exponentials for
+    /// logprobs. Nothing sorts the vocabulary. Samplers are `Send`, so an engine may sample
+    /// its sequences in parallel.
     pub fn sample(
         &mut self,
         logits: &[f32],
@@ -279,6 +284,11 @@ impl Sampler {
     }
 
     /// Draws from softmax(logits / temperature) restricted by min_p, top_k and top_p.
+    ///
+    /// The exponentials are computed once into a buffer. The truncations do not sort: min_p is
+    /// a threshold, and top_k and top_p only need the least likely token they keep (the
+    /// cutoff), found by selection in O(vocabulary). The draw then walks the vocabulary in id
+    /// order, so that the seeded result does not depend on how the selection arranged things.
     fn draw(&mut self, logits: &[f32]) -> Result<u32, SamplingError> {
         let max = logits
             .iter()
@@ -288,112 +298,152 @@ impl Sampler {
         if max == f32::NEG_INFINITY {
             return Err(SamplingError::NoCandidates);
         }
+        if max == f32::INFINITY {
+            // Infinitely more likely than everything else; the first one, as greedy would.
+            return Ok(argmax(logits));
+        }
         let inv_t = 1.0 / self.params.temperature;
         let min_p = self.params.min_p;
-        // The unnormalised probability relative to the most likely token (which gets 1), so
-        // min_p is a plain threshold; 0 for tokens min_p drops, -inf and NaN logits.
-        let weight = |l: f32| {
-            let w = ((l - max) * inv_t).exp();
-            if w >= min_p {
-                w as f64
-            } else {
-                0.0
-            }
-        };
-        let (top_k, top_p) = (self.params.top_k, self.params.top_p);
-        if top_k == 0 && top_p >= 1.0 {
-            // No ranking needed: draw over the whole vocabulary in id order.
-            let candidates = logits.iter().enumerate().map(|(id, &l)| (id as u32, l));
-            return Ok(self.draw_weighted(candidates, weight));
-        }
-        let mut candidates: Vec<(u32, f32)> = logits
+        // Probabilities relative to the most likely token (which gets 1), so that min_p is a
+        // plain threshold; 0 for what min_p drops and for -inf and NaN logits.
+        let mut weights: Vec<f32> = logits
             .iter()
-            .enumerate()
-            .filter(|&(_, &l)| weight(l) > 0.0)
-            .map(|(id, &l)| (id as u32, l))
+            .map(|&l| {
+                let w = ((l - max) * inv_t).exp();
+                if w >= min_p {
+                    w
+                } else {
+                    0.0
+                }
+            })
             .collect();
-        truncate(&mut candidates, top_k, top_p, weight);
-        Ok(self.draw_weighted(candidates.into_iter(), weight))
-    }
-
-    /// One draw from `candidates` in proportion to their weights. The iterator is run twice
-    /// (total, then the scan), with the same arithmetic, so the scan always ends on a
-    /// candidate of positive weight.
-    fn draw_weighted(
-        &mut self,
-        candidates: impl Iterator<Item = (u32, f32)> + Clone,
-        weight: impl Fn(f32) -> f64,
-    ) -> u32 {
-        let total: f64 = candidates.clone().map(|(_, l)| weight(l)).sum();
-        let target = self.rng.random::<f64>() * total;
-        let mut acc = 0.0;
-        let mut last = None;
-        for (id, l) in candidates {
-            let w = weight(l);
-            if w > 0.0 {
-                acc += w;
-                last = Some(id);
-                if target < acc {
-                    return id;
+        if let Some(cutoff) = rank_cutoff(&weights, self.params.top_k, self.params.top_p) {
+            for (id, w) in weights.iter_mut().enumerate() {
+                if by_rank(&(id as u32, *w), &cutoff).is_gt() {
+                    *w = 0.0;
                 }
             }
         }
-        // Only reachable through rounding; the caller guarantees one positive weight.
-        last.expect("a candidate of positive weight")
+        let total: f64 = weights.iter().map(|&w| w as f64).sum();
+        let target = self.rng.random::<f64>() * total;
+        let mut acc = 0.0;
+        let mut last = 0;
+        for (id, &w) in weights.iter().enumerate() {
+            if w > 0.0 {
+                acc += w as f64;
+                last = id as u32;
+                if target < acc {
+                    return Ok(last);
+                }
+            }
+        }
+        // The same sums in the same order make `acc` reach `total > target`: the loop returns
+        // on the last kept token at the latest (the most likely token always is kept).
+        Ok(last)
     }
 }
 
-/// Most likely first, the lower id first among equals: a total order, so that the candidates
-/// and hence seeded draws do not depend on the sorting algorithm.
+/// Most likely first, the lower id first among equals: a total order on `(id, weight)`.
 fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-/// Cuts `candidates` (positive weights) to the `top_k` most likely (0: all), then to the
-/// smallest most-likely prefix whose weight reaches `top_p` of what is left (vLLM's top-p: a
-/// token stays when the tokens more likely than it hold less than `top_p`). The kept
-/// candidates end up sorted by [`by_rank`].
-///
-/// top_p needs the candidates in order, but sorting a 42k vocabulary per step is wasteful when
-/// the nucleus is a few dozen tokens: the most likely 64 are selected (O(n)) and sorted, and
-/// only if they fall short of `top_p` is the selection widened, four times each time.
-fn truncate(
-    candidates: &mut Vec<(u32, f32)>,
-    top_k: usize,
-    top_p: f32,
-    weight: impl Fn(f32) -> f64,
-) {
+/// The least likely token that top_k and top_p keep, by [`by_rank`], among the tokens of
+/// positive weight (at most 1); `None` when neither cuts. top_k keeps the `top_k` most likely
+/// (0: all); top_p then keeps the smallest most-likely set whose weight reaches `top_p` of
+/// what top_k left (vLLM's top-p: a token stays when the tokens more likely than it hold less
+/// than `top_p`).
+fn rank_cutoff(weights: &[f32], top_k: usize, top_p: f32) -> Option<(u32, f32)> {
+    if top_k == 0 && top_p >= 1.0 {
+        return None;
+    }
+    let (floor, total) = selection_floor(weights, top_k, top_p);
+    let mut candidates: Vec<(u32, f32)> = weights
+        .iter()
+        .enumerate()
+        .filter(|&(_, &w)| w > 0.0 && w >= floor)
+        .map(|(id, &w)| (id as u32, w))
+        .collect();
+    let mut cutoff = None;
+    let mut kept_total = total;
     if top_k > 0 && top_k < candidates.len() {
         candidates.select_nth_unstable_by(top_k - 1, by_rank);
+        cutoff = Some(candidates[top_k - 1]);
         candidates.truncate(top_k);
+        kept_total = candidates.iter().map(|&(_, w)| w as f64).sum();
     }
-    if top_p >= 1.0 {
-        candidates.sort_unstable_by(by_rank);
-        return;
+    if top_p < 1.0 {
+        cutoff = Some(nucleus_cutoff(&mut candidates, kept_total * top_p as f64));
     }
-    let total: f64 = candidates.iter().map(|&(_, l)| weight(l)).sum();
-    let target = total * top_p as f64;
-    let mut width = 64;
-    loop {
-        width = width.min(candidates.len());
-        if width < candidates.len() {
-            candidates.select_nth_unstable_by(width - 1, by_rank);
-        }
-        candidates[..width].sort_unstable_by(by_rank);
-        let mut acc = 0.0;
-        for (kept, &(_, l)) in candidates[..width].iter().enumerate() {
-            acc += weight(l);
-            if acc >= target {
-                candidates.truncate(kept + 1);
-                return;
-            }
-        }
-        if width == candidates.len() {
-            // Rounding left the running sum just under the target: everything is kept.
-            return;
-        }
-        width *= 4;
+    cutoff
+}
+
+/// A weight such that the tokens at or above it are enough to decide the cutoffs, and the
+/// total weight. Selecting among the whole vocabulary costs several passes over it, while a
+/// trained model puts nearly all its probability on a few dozen tokens: so the weights are
+/// counted by binary order of magnitude, four octaves per bucket, in one pass, and selection
+/// only considers the buckets needed to hold `top_k` tokens or, without top_k, `top_p` of the
+/// weight.
+fn selection_floor(weights: &[f32], top_k: usize, top_p: f32) -> (f32, f64) {
+    const BUCKETS: usize = 32;
+    let mut count = [0usize; BUCKETS];
+    let mut mass = [0f64; BUCKETS];
+    for &w in weights.iter().filter(|&&w| w > 0.0) {
+        // w <= 1, so its biased exponent is at most 127: octave o holds [2^-o, 2^(1-o)).
+        let octave = 127 - ((w.to_bits() >> 23) & 0xff) as usize;
+        let bucket = (octave / 4).min(BUCKETS - 1);
+        count[bucket] += 1;
+        mass[bucket] += w as f64;
     }
+    let total: f64 = mass.iter().sum();
+    let (mut tokens, mut weight) = (0, 0.0);
+    for bucket in 0..BUCKETS - 1 {
+        tokens += count[bucket];
+        weight += mass[bucket];
+        let enough = if top_k > 0 {
+            tokens >= top_k
+        } else {
+            weight >= total * top_p as f64
+        };
+        if enough {
+            // The smallest weight of the bucket, whose lowest octave is 4 * bucket + 3.
+            return (0.5f32.powi(4 * bucket as i32 + 3), total);
+        }
+    }
+    (0.0, total)
+}
+
+/// The least likely token of the top-p nucleus of `candidates` (not empty, ranked before any
+/// token left out of them): the token at which their running weight, most likely first,
+/// reaches `target`. By weighted quickselect: split around the median rank, keep the half
+/// where the running weight crosses the target, repeat; O(n) expected, where sorting would
+/// be O(n log n) on every step for flat distributions, whose nucleus is most of the
+/// vocabulary.
+fn nucleus_cutoff(candidates: &mut [(u32, f32)], target: f64) -> (u32, f32) {
+    // Invariant: `above` is the weight of the tokens ranked before candidates[lo..hi], less
+    // than the target, and the crossing token is in candidates[lo..hi].
+    let (mut lo, mut hi, mut above) = (0, candidates.len(), 0.0);
+    while hi - lo > 32 {
+        let mid = lo + (hi - lo) / 2;
+        candidates[lo..hi].select_nth_unstable_by(mid - lo, by_rank);
+        let upper: f64 = candidates[lo..=mid].iter().map(|&(_, w)| w as f64).sum();
+        if above + upper >= target {
+            hi = mid + 1;
+        } else {
+            above += upper;
+            lo = mid + 1;
+        }
+    }
+    let rest = &mut candidates[lo..hi];
+    rest.sort_unstable_by(by_rank);
+    for &candidate in rest.iter() {
+        above += candidate.1 as f64;
+        if above >= target {
+            return candidate;
+        }
+    }
+    // Rounding left the sum just short of the target: keep everything.
+    rest[rest.len() - 1]
 }
 
 /// log Σ exp(logits), skipping NaN; the log-softmax is `logit - log_sum_exp`.
@@ -408,41 +458,47 @@ fn log_sum_exp(logits: &[f32]) -> f32 {
     }
     let sum: f64 = logits
         .iter()
-        .map(|&l| ((l - max) as f64).exp())
+        .map(|&l| (l - max).exp() as f64)
         .filter(|e| !e.is_nan())
         .sum();
     max + sum.ln() as f32
 }
 
-/// The `n` largest finite logits with their ids, by [`by_rank`], without sorting the rest.
+/// The `n` largest finite logits with their ids, by [`by_rank`]. One pass keeping the best
+/// `n` in order: after the first few hundred tokens almost none beats the `n`-th, so this is
+/// one comparison per token.
 fn most_likely(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
     if n == 0 {
-        return Vec::new();
+        return top;
     }
-    let mut finite: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|&(_, &l)| l > f32::NEG_INFINITY)
-        .map(|(id, &l)| (id as u32, l))
-        .collect();
-    if n < finite.len() {
-        finite.select_nth_unstable_by(n - 1, by_rank);
-        finite.truncate(n);
+    for (id, &l) in logits.iter().enumerate() {
+        if l.is_nan() || l == f32::NEG_INFINITY {
+            continue;
+        }
+        let candidate = (id as u32, l);
+        if top.len() == n && by_rank(&candidate, &top[n - 1]).is_ge() {
+            continue;
+        }
+        let at = top.partition_point(|t| by_rank(t, &candidate).is_lt());
+        top.insert(at, candidate);
+        top.truncate(n);
     }
-    finite.sort_unstable_by(by_rank);
-    finite
+    top
 }
 
 /// Index of the largest logit; the lowest index wins ties, as torch's argmax does. NaN is
-/// never chosen unless every logit is NaN (then 0).
+/// never chosen; 0 when no logit is larger than -inf.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best: Option<(usize, f32)> = None;
+    let mut best = 0;
+    let mut best_logit = f32::NEG_INFINITY;
     for (i, &l) in logits.iter().enumerate() {
-        if !l.is_nan() && best.is_none_or(|(_, b)| l > b) {
-            best = Some((i, l));
+        if l > best_logit {
+            best = i;
+            best_logit = l;
         }
     }
-    best.map_or(0, |(i, _)| i as u32)
+    best as u32
 }
 
 #[cfg(test)]
@@ -615,43 +671,80 @@ mod tests {
         }
     }
 
-    /// A vocabulary whose nucleus is hundreds of tokens, so the selection has to widen, with
-    /// min_p and top_k in front of it.
+    /// Vocabularies whose nucleus is hundreds of tokens, so that the quickselect has to
+    /// recurse, with min_p and top_k in front of it, with many tied weights, and with a tail
+    /// that the selection floor leaves out or (top_k 100 > 30 likely tokens) must not: the
+    /// kept set must be exactly the one a full sort gives.
     #[test]
-    fn truncation_equals_a_full_sort_on_a_wide_nucleus() {
-        let logits: Vec<f32> = (0..1500)
+    fn cutoffs_equal_a_full_sort() {
+        let spread: Vec<f32> = (0..1500)
             .map(|i| ((i * 7919) % 1500) as f32 * -0.004 + (i % 3) as f32 * 0.01)
             .collect();
-        for (top_k, top_p, min_p) in [(0, 0.9, 0.0), (800, 0.95, 0.0), (0, 0.8, 0.01)] {
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let weight = |l: f32| {
-                let w = (l - max).exp();
-                if w >= min_p {
-                    w as f64
+        let tied: Vec<f32> = (0..1500).map(|i| (i % 50) as f32 * -0.02).collect();
+        // A trained model's shape: a few likely tokens, a long tail many octaves below.
+        let peaked: Vec<f32> = (0..3000)
+            .map(|i| {
+                if i % 100 == 7 {
+                    -(i as f32) * 1e-3
                 } else {
-                    0.0
+                    -20.0 - (i % 13) as f32
                 }
-            };
-            let mut candidates: Vec<(u32, f32)> = logits
+            })
+            .collect();
+        let cases = [
+            (&spread, 0, 0.9, 0.0),
+            (&spread, 800, 0.95, 0.0),
+            (&spread, 0, 0.8, 0.01),
+            (&spread, 700, 1.0, 0.0),
+            (&tied, 0, 0.5, 0.0),
+            (&tied, 333, 0.9, 0.0),
+            (&peaked, 0, 0.9, 0.0),
+            (&peaked, 5, 1.0, 0.0),
+            (&peaked, 100, 0.999_999_9, 0.0),
+        ];
+        for (logits, top_k, top_p, min_p) in cases {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f32> = logits
+                .iter()
+                .map(|&l| {
+                    let w = (l - max).exp();
+                    if w >= min_p {
+                        w
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let cutoff = rank_cutoff(&weights, top_k, top_p).unwrap();
+
+            let mut ranked: Vec<(u32, f32)> = weights
                 .iter()
                 .enumerate()
-                .filter(|&(_, &l)| weight(l) > 0.0)
-                .map(|(i, &l)| (i as u32, l))
+                .filter(|&(_, &w)| w > 0.0)
+                .map(|(i, &w)| (i as u32, w))
                 .collect();
-            truncate(&mut candidates, top_k, top_p, weight);
-            let got: Vec<usize> = candidates.iter().map(|&(i, _)| i as usize).collect();
+            ranked.sort_by(by_rank);
+            let got: Vec<u32> = ranked
+                .iter()
+                .filter(|c| by_rank(c, &cutoff).is_le())
+                .map(|&(i, _)| i)
+                .collect();
 
-            let mut allowed: Vec<usize> = ranked(&logits)
-                .into_iter()
-                .filter(|&i| weight(logits[i]) > 0.0)
-                .collect();
             if top_k > 0 {
-                allowed.truncate(top_k);
+                ranked.truncate(top_k);
             }
-            let probs = expected(&logits, 1.0, |i| allowed.contains(&i));
-            let want = nucleus(&probs, top_p as f64);
-            assert!(want.len() > 64, "the case must need widening");
+            let total: f64 = ranked.iter().map(|&(_, w)| w as f64).sum();
+            let mut mass = 0.0;
+            let mut want = Vec::new();
+            for &(i, w) in &ranked {
+                if mass >= top_p as f64 {
+                    break;
+                }
+                mass += w as f64 / total;
+                want.push(i);
+            }
             assert_eq!(got, want, "top_k {top_k} top_p {top_p} min_p {min_p}");
+            assert!(!want.is_empty());
         }
     }
 

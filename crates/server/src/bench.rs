@@ -3,7 +3,6 @@
 //! Each level submits `concurrency` chats at once — one image, a ~30-token question, a fixed
 //! number of generated tokens (end-of-sequence ignored) — and waits for all of them.
 
-use crate::device::{demo_model_dir, parse_device, parse_dtype};
 use anyhow::{bail, Context};
 use internvl_model::preprocess::preprocess;
 use internvl_model::prompt::{ChatMessage, Part, Role};
@@ -11,6 +10,7 @@ use internvl_model::LoadedModel;
 use internvl_scheduler::{
     Engine, EngineConfig, Event, ImageInput, Request, SamplingParams, StopParams,
 };
+use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
 use internvl_server::runner::{CandleRunner, TokenizerDecoder};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;

@@ -2,12 +2,12 @@
 //!
 //! It runs the same engine the server does, with one request.
 
-use crate::device::{demo_model_dir, parse_device, parse_dtype};
 use anyhow::{bail, Context};
 use internvl_model::preprocess::preprocess;
 use internvl_model::prompt::{ChatMessage, Part, Role};
 use internvl_model::LoadedModel;
 use internvl_scheduler::{Engine, EngineConfig, Event, SamplingParams, StopParams};
+use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
 use internvl_server::runner::{image_inputs, CandleRunner, TokenizerDecoder};
 use std::io::Write;
 use std::path::PathBuf;

@@ -1,3 +1,10 @@
 //! The `internvl` server: the engine behind an OpenAI-compatible API, and the command line.
 
+pub mod api;
+pub mod device;
+pub mod images;
+pub mod metrics;
 pub mod runner;
+pub mod serve;
+pub mod settings;
+pub mod state;

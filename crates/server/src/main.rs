@@ -1,8 +1,11 @@
 //! `internvl`: serve InternVL-Chat V1.1, or run it once from the command line.
 
 mod bench;
-mod device;
 mod generate;
+
+use internvl_server::device;
+use internvl_server::serve;
+use internvl_server::settings::{ServeArgs, Settings};
 
 use clap::{Parser, Subcommand};
 
@@ -17,19 +20,40 @@ struct Cli {
 enum Command {
     /// Answer one prompt about one image and print timings.
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible API.
+    Serve(ServeArgs),
     /// Measure throughput and time to first token of concurrent image chats.
     Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match Cli::parse().command {
-        Command::Generate(args) => generate::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Generate(args) => {
+            init_logging(false, "warn");
+            generate::run(args)
+        }
+        Command::Bench(args) => {
+            init_logging(false, "warn");
+            bench::run(args)
+        }
+        Command::Serve(args) => {
+            let settings = Settings::resolve(args, device::demo_model_dir())?;
+            init_logging(settings.json_logs, "info");
+            serve::run(settings)
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `default_level`).
+fn init_logging(json: bool, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }

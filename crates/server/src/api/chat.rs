@@ -1,0 +1,446 @@
+//! `POST /v1/chat/completions`, streamed (SSE) or not.
+
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs,
+    ChunkChoice, Delta, PromptTokensDetails, ResponseMessage, TokenLogprob, TopLogprob, Usage,
+};
+use super::validate::{validate_chat, ChatPlan};
+use crate::runner::image_inputs;
+use crate::state::{Admission, AppState, Ready};
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream};
+use internvl_model::preprocess::{preprocess, PixelValues};
+use internvl_model::tokenizer::Tokenizer;
+use internvl_scheduler::{
+    Event, FinishReason, Request, RequestStream, StopParams, SubmitError, Usage as EngineUsage,
+};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let ready = state.ready()?;
+    if req.model != state.model_name {
+        return Err(ApiError::not_found(format!(
+            "The model `{}` does not exist; this server serves `{}`",
+            req.model, state.model_name
+        )));
+    }
+    if let Some(user) = &req.user {
+        tracing::info!(user = %user, "chat completion");
+    }
+    let plan = validate_chat(req, state.limits.max_images_per_request)?;
+    let admission = state.admit()?;
+    let images = load_images(&state, ready, &plan.image_urls).await?;
+    let num_images = images.len();
+    let prompt = ready
+        .loaded
+        .encode_prompt(&plan.messages)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let prompt_len = prompt.ids.len();
+    let max_len = ready.max_model_len;
+    let max_tokens = plan
+        .max_tokens
+        .unwrap_or(max_len.saturating_sub(prompt_len));
+    if max_tokens == 0 || prompt_len + max_tokens > max_len {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "This model's maximum context length is {max_len} tokens. However, you requested \
+                 {} tokens ({prompt_len} in the messages, {max_tokens} in the completion). \
+                 Please reduce the length of the messages or completion.",
+                prompt_len + max_tokens
+            ),
+        ));
+    }
+    let tokens_per_image = ready.loaded.model.config().num_image_tokens();
+    let request = Request {
+        images: image_inputs(&prompt, tokens_per_image, images),
+        prompt: prompt.ids,
+        sampling: plan.sampling.clone(),
+        stop: StopParams {
+            max_tokens,
+            min_tokens: plan.min_tokens,
+            stop_strings: plan.stop_strings.clone(),
+            ignore_eos: plan.ignore_eos,
+            eos_token_id: Some(ready.loaded.tokenizer.eos_id()),
+            ..StopParams::default()
+        },
+        skip_special_tokens: true,
+        n: plan.n,
+    };
+    let events = ready.engine.submit(request).map_err(submit_error)?;
+    let reply = Reply {
+        id: format!("chatcmpl-{}", random_id()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: state.model_name.clone(),
+        tokenizer: ready.loaded.tokenizer.clone(),
+        state: state.clone(),
+        num_images,
+    };
+    if plan.stream {
+        Ok(stream_reply(reply, plan, events, admission).into_response())
+    } else {
+        collect_reply(reply, plan, events, admission).await
+    }
+}
+
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Stopped => ApiError::unavailable("The engine has stopped"),
+        SubmitError::TooLong { .. } | SubmitError::CacheTooSmall { .. } => {
+            ApiError::invalid("messages", e.to_string())
+        }
+        SubmitError::BadN(_) => ApiError::invalid("n", e.to_string()),
+        other => ApiError::bad_request(other.to_string()),
+    }
+}
+
+/// Fetches every image and preprocesses it on the blocking pool, a bounded number at a time.
+async fn load_images(
+    state: &Arc<AppState>,
+    ready: &Ready,
+    urls: &[String],
+) -> Result<Vec<(Vec<u8>, PixelValues)>, ApiError> {
+    let fetched = futures_util::future::try_join_all(urls.iter().map(|u| state.fetcher.fetch(u)))
+        .await
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let jobs = fetched.into_iter().enumerate().map(|(i, bytes)| {
+        let config = ready.loaded.preprocess.clone();
+        let slots = state.preprocess_slots.clone();
+        let state = state.clone();
+        async move {
+            let _slot = slots
+                .acquire_owned()
+                .await
+                .map_err(|_| ApiError::unavailable("The server is shutting down"))?;
+            let started = Instant::now();
+            let (bytes, result) = tokio::task::spawn_blocking(move || {
+                let result = preprocess(&bytes, &config);
+                (bytes, result)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("image preprocessing crashed: {e}")))?;
+            state.metrics.observe_preprocess(started.elapsed());
+            let pixels =
+                result.map_err(|e| ApiError::invalid("messages", format!("image {i}: {e}")))?;
+            Ok::<_, ApiError>((bytes, pixels))
+        }
+    });
+    futures_util::future::try_join_all(jobs).await
+}
+
+/// What every chunk or answer of one request repeats.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    tokenizer: Tokenizer,
+    state: Arc<AppState>,
+    num_images: usize,
+}
+
+impl Reply {
+    fn logprob(&self, id: u32, logprob: Option<f32>, top: &[(u32, f32)]) -> Option<TokenLogprob> {
+        let piece = |id: u32| {
+            let bytes = self.tokenizer.token_bytes(id).unwrap_or_default();
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
+        let logprob = logprob?;
+        let (token, bytes) = piece(id);
+        Some(TokenLogprob {
+            token,
+            logprob,
+            bytes,
+            top_logprobs: top
+                .iter()
+                .map(|&(id, logprob)| {
+                    let (token, bytes) = piece(id);
+                    TopLogprob {
+                        token,
+                        logprob,
+                        bytes,
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    fn record(
+        &self,
+        reason: FinishReason,
+        usage: &EngineUsage,
+        timings: &internvl_scheduler::RequestTimings,
+    ) {
+        self.state
+            .metrics
+            .observe_finished(reason, usage, timings, self.num_images);
+    }
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Abort => "abort",
+    }
+}
+
+/// Adds one completion's usage: the prompt is counted once, completions summed.
+fn add_usage(total: &mut Usage, usage: &EngineUsage, first: bool) {
+    if first {
+        total.prompt_tokens = usage.prompt_tokens;
+        total.prompt_tokens_details = PromptTokensDetails {
+            cached_tokens: usage.cached_tokens,
+        };
+    }
+    total.completion_tokens += usage.completion_tokens;
+    total.total_tokens = total.prompt_tokens + total.completion_tokens;
+}
+
+async fn collect_reply(
+    reply: Reply,
+    plan: ChatPlan,
+    mut events: RequestStream,
+    _admission: Admission,
+) -> Result<Response, ApiError> {
+    let wants_logprobs = plan.sampling.logprobs.is_some();
+    let mut choices: Vec<Choice> = (0..plan.n)
+        .map(|index| Choice {
+            index,
+            message: ResponseMessage {
+                role: "assistant",
+                content: String::new(),
+                refusal: None,
+            },
+            logprobs: wants_logprobs.then(ChoiceLogprobs::default),
+            finish_reason: None,
+        })
+        .collect();
+    let mut usage = Usage::default();
+    let mut done = 0;
+    while done < plan.n {
+        match events.next().await {
+            Some(Event::Token {
+                index,
+                id,
+                text,
+                logprob,
+                top_logprobs,
+            }) => {
+                let choice = &mut choices[index];
+                choice.message.content.push_str(&text);
+                if let (Some(lp), Some(entry)) = (
+                    choice.logprobs.as_mut(),
+                    reply.logprob(id, logprob, &top_logprobs),
+                ) {
+                    lp.content.push(entry);
+                }
+            }
+            Some(Event::Finished {
+                index,
+                text,
+                reason,
+                usage: u,
+                timings,
+                ..
+            }) => {
+                choices[index].message.content.push_str(&text);
+                choices[index].finish_reason = Some(finish_reason(reason));
+                add_usage(&mut usage, &u, done == 0);
+                reply.record(reason, &u, &timings);
+                done += 1;
+            }
+            Some(Event::Error { message }) => {
+                return Err(ApiError::internal(format!("generation failed: {message}")))
+            }
+            None => return Err(ApiError::internal("the engine stopped mid-request")),
+        }
+    }
+    Ok(Json(ChatCompletion {
+        id: reply.id,
+        object: "chat.completion",
+        created: reply.created,
+        model: reply.model,
+        choices,
+        usage,
+        system_fingerprint: None,
+    })
+    .into_response())
+}
+
+/// The state of a streamed answer between two SSE events.
+struct Streaming {
+    reply: Reply,
+    events: RequestStream,
+    include_usage: bool,
+    n: usize,
+    done: usize,
+    usage: Usage,
+    pending: VecDeque<SseEvent>,
+    finished: bool,
+    _admission: Admission,
+}
+
+impl Streaming {
+    fn chunk(
+        &self,
+        index: usize,
+        delta: Delta,
+        logprobs: Option<ChoiceLogprobs>,
+        finish: Option<&'static str>,
+    ) -> SseEvent {
+        self.event(ChatCompletionChunk {
+            id: self.reply.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.reply.created,
+            model: self.reply.model.clone(),
+            choices: vec![ChunkChoice {
+                index,
+                delta,
+                logprobs,
+                finish_reason: finish,
+            }],
+            usage: self.include_usage.then_some(None),
+            system_fingerprint: None,
+        })
+    }
+
+    fn event(&self, chunk: ChatCompletionChunk) -> SseEvent {
+        SseEvent::default().data(serde_json::to_string(&chunk).unwrap_or_default())
+    }
+
+    /// Turns the next engine event into SSE events; false when the stream is over.
+    async fn advance(&mut self) -> bool {
+        if self.finished {
+            return false;
+        }
+        match self.events.next().await {
+            Some(Event::Token {
+                index,
+                id,
+                text,
+                logprob,
+                top_logprobs,
+            }) => {
+                let logprobs =
+                    self.reply
+                        .logprob(id, logprob, &top_logprobs)
+                        .map(|entry| ChoiceLogprobs {
+                            content: vec![entry],
+                        });
+                if !text.is_empty() || logprobs.is_some() {
+                    let delta = Delta {
+                        role: None,
+                        content: Some(text),
+                    };
+                    let chunk = self.chunk(index, delta, logprobs, None);
+                    self.pending.push_back(chunk);
+                }
+            }
+            Some(Event::Finished {
+                index,
+                text,
+                reason,
+                usage,
+                timings,
+                ..
+            }) => {
+                let delta = Delta {
+                    role: None,
+                    content: (!text.is_empty()).then_some(text),
+                };
+                let chunk = self.chunk(index, delta, None, Some(finish_reason(reason)));
+                self.pending.push_back(chunk);
+                add_usage(&mut self.usage, &usage, self.done == 0);
+                self.reply.record(reason, &usage, &timings);
+                self.done += 1;
+                if self.done == self.n {
+                    if self.include_usage {
+                        let last = ChatCompletionChunk {
+                            id: self.reply.id.clone(),
+                            object: "chat.completion.chunk",
+                            created: self.reply.created,
+                            model: self.reply.model.clone(),
+                            choices: Vec::new(),
+                            usage: Some(Some(self.usage)),
+                            system_fingerprint: None,
+                        };
+                        let event = self.event(last);
+                        self.pending.push_back(event);
+                    }
+                    self.pending.push_back(SseEvent::default().data("[DONE]"));
+                    self.finished = true;
+                }
+            }
+            Some(Event::Error { message }) => {
+                let error = ApiError::internal(format!("generation failed: {message}"));
+                self.pending
+                    .push_back(SseEvent::default().data(error.body().to_string()));
+                self.finished = true;
+            }
+            None => {
+                let error = ApiError::internal("the engine stopped mid-request");
+                self.pending
+                    .push_back(SseEvent::default().data(error.body().to_string()));
+                self.finished = true;
+            }
+        }
+        true
+    }
+}
+
+fn stream_reply(
+    reply: Reply,
+    plan: ChatPlan,
+    events: RequestStream,
+    admission: Admission,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let mut state = Streaming {
+        reply,
+        events,
+        include_usage: plan.include_usage,
+        n: plan.n,
+        done: 0,
+        usage: Usage::default(),
+        pending: VecDeque::new(),
+        finished: false,
+        _admission: admission,
+    };
+    for index in 0..plan.n {
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(String::new()),
+        };
+        let first = state.chunk(index, delta, None, None);
+        state.pending.push_back(first);
+    }
+    // Dropping this stream (the client went away) drops `events`, which cancels the request.
+    let events = stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(event) = state.pending.pop_front() {
+                return Some((Ok(event), state));
+            }
+            if !state.advance().await {
+                return None;
+            }
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+}
+
+/// A random hex string for response ids.
+pub fn random_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}

@@ -1,0 +1,182 @@
+//! `internvl serve`: load the model, run the engine, answer HTTP until told to stop.
+
+use crate::api::routes::router;
+use crate::device::{parse_device, parse_dtype};
+use crate::images::{ImageFetchConfig, ImageFetcher};
+use crate::runner::{CandleRunner, TokenizerDecoder};
+use crate::settings::Settings;
+use crate::state::{AppState, Limits, Ready};
+use anyhow::{bail, Context};
+use internvl_model::preprocess::DecodeLimits;
+use internvl_model::{LoadedModel, PagedKvCache};
+use internvl_scheduler::{Engine, EngineConfig};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+/// The shared state for `settings`, before the model is loaded.
+pub fn app_state(settings: &Settings) -> anyhow::Result<Arc<AppState>> {
+    let fetcher = ImageFetcher::new(ImageFetchConfig {
+        timeout: Duration::from_secs(settings.image_fetch_timeout),
+        max_bytes: settings.max_image_bytes,
+        allow_private_networks: settings.allow_private_image_urls,
+        allowed_local_dir: settings.local_image_dir.clone(),
+        ..ImageFetchConfig::default()
+    })
+    .context("image fetcher")?;
+    let limits = Limits {
+        max_images_per_request: settings.max_images_per_request,
+        max_active_requests: settings.max_num_seqs + settings.max_queued_requests,
+        max_body_bytes: settings.max_body_bytes,
+        api_keys: settings.api_keys.clone(),
+    };
+    Ok(Arc::new(AppState::new(
+        settings.served_model_name.clone(),
+        limits,
+        fetcher,
+        settings.preprocess_workers,
+    )))
+}
+
+/// Loads the checkpoint and starts the engine: minutes for the real model.
+pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
+    let device = parse_device(&settings.device)?;
+    let dtype = parse_dtype(&settings.dtype)?;
+    if settings.using_demo {
+        tracing::warn!(
+            model = %settings.model.display(),
+            "no --model given: serving the bundled demo checkpoint (random weights, meaningless answers)"
+        );
+    }
+    let started = Instant::now();
+    tracing::info!(model = %settings.model.display(), "loading");
+    let mut loaded = LoadedModel::load(&settings.model, &device, dtype)
+        .with_context(|| format!("loading {}", settings.model.display()))?;
+    loaded.preprocess.limits = DecodeLimits {
+        max_pixels: settings.max_image_pixels,
+        max_bytes: settings.max_image_bytes,
+    };
+    let config = loaded.model.config();
+    let positions = config.llm.max_position_embeddings;
+    let max_model_len = settings.max_model_len.unwrap_or(positions);
+    if max_model_len > positions {
+        bail!("max_model_len {max_model_len} exceeds the model's {positions} positions");
+    }
+    let block_size = settings.block_size;
+    let per_block = PagedKvCache::bytes_per_block(&config.llm, block_size, loaded.model.dtype());
+    let useful = settings.max_num_seqs * max_model_len.div_ceil(block_size);
+    let num_blocks = ((settings.kv_cache_bytes / per_block as u64) as usize).min(useful);
+    if num_blocks < max_model_len.div_ceil(block_size) {
+        bail!(
+            "kv_cache_memory ({} bytes) holds {num_blocks} blocks of {block_size} tokens, less \
+             than one sequence of max_model_len {max_model_len}: raise kv_cache_memory or lower \
+             max_model_len",
+            settings.kv_cache_bytes
+        );
+    }
+    let mut engine_config = EngineConfig::new(num_blocks, block_size, max_model_len);
+    engine_config.max_num_seqs = settings.max_num_seqs;
+    engine_config.max_num_batched_tokens = settings.max_num_batched_tokens;
+    engine_config.enable_prefix_caching = settings.enable_prefix_caching;
+    let runner = CandleRunner::new(loaded.model.clone(), num_blocks, block_size)?;
+    let decoder = Arc::new(TokenizerDecoder(loaded.tokenizer.clone()));
+    let engine = Engine::start(runner, engine_config, decoder).map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        kv_blocks = num_blocks,
+        kv_bytes = num_blocks * per_block,
+        max_model_len,
+        "model ready"
+    );
+    Ok(Ready {
+        loaded,
+        engine,
+        max_model_len,
+    })
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains in-flight requests for up to
+/// `settings.shutdown_timeout` seconds. The model loads in the background meanwhile.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = app_state(&settings)?;
+    let loader_state = state.clone();
+    let load_settings = settings.clone();
+    tokio::task::spawn_blocking(move || match load(&load_settings) {
+        Ok(ready) => {
+            let _ = loader_state.ready.set(ready);
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "the model failed to load");
+            let _ = loader_state.failed.set(format!("{e:#}"));
+        }
+    });
+    let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
+    let app = router(state.clone());
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = drain_rx.wait_for(|draining| *draining).await;
+    });
+    let deadline = Duration::from_secs(settings.shutdown_timeout);
+    let drain_state = state.clone();
+    let drain = async move {
+        shutdown.await;
+        tracing::info!(
+            in_flight = drain_state.active_requests(),
+            "shutting down: draining"
+        );
+        drain_state.begin_shutdown();
+        let _ = drain_tx.send(true);
+        tokio::time::sleep(deadline).await;
+    };
+    tokio::select! {
+        result = server => result.context("server")?,
+        () = drain => tracing::warn!(
+            in_flight = state.active_requests(),
+            "shutdown deadline passed with requests in flight"
+        ),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}
+
+/// The `serve` command.
+pub fn run(settings: Settings) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let address = format!("{}:{}", settings.host, settings.port);
+        let listener = TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("cannot listen on {address}"))?;
+        tracing::info!(address = %listener.local_addr()?, model = %settings.served_model_name, "listening");
+        serve(settings, listener, shutdown_signal()).await
+    })
+}

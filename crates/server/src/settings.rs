@@ -1,0 +1,275 @@
+//! `internvl serve` settings: flags > environment (`INTERNVL_*`) > config file > defaults.
+//!
+//! Each setting is declared once below; the macro gives it its flag, its environment
+//! variable, its config-file key (the flag's name with underscores) and the merge.
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty, env = $env:literal; )*) => {
+        /// Every setting as given; `None` where not given.
+        #[derive(clap::Args, Deserialize, Debug, Default, Clone)]
+        #[serde(deny_unknown_fields)]
+        pub struct ServeArgs {
+            /// TOML file with any of these settings (keys: the flag names with underscores).
+            #[arg(long, env = "INTERNVL_CONFIG")]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $( $(#[doc = $doc])* #[arg(long, env = $env)] pub $name: Option<$ty>, )*
+            /// Accepted API key (repeatable; also comma-separated in INTERNVL_API_KEY).
+            #[arg(long = "api-key", env = "INTERNVL_API_KEY", value_delimiter = ',')]
+            #[serde(default)]
+            pub api_key: Vec<String>,
+        }
+
+        impl ServeArgs {
+            /// Fills what `self` lacks from `lower`.
+            fn or(self, lower: ServeArgs) -> ServeArgs {
+                ServeArgs {
+                    config: self.config,
+                    $( $name: self.$name.or(lower.$name), )*
+                    api_key: if self.api_key.is_empty() { lower.api_key } else { self.api_key },
+                }
+            }
+        }
+    };
+}
+
+settings! {
+    /// Checkpoint directory [default: the bundled demo checkpoint].
+    model: PathBuf, env = "INTERNVL_MODEL";
+    /// Model name clients send and see [default: the checkpoint directory's name].
+    served_model_name: String, env = "INTERNVL_SERVED_MODEL_NAME";
+    /// Address to listen on [default: 127.0.0.1].
+    host: String, env = "INTERNVL_HOST";
+    /// Port to listen on [default: 8000].
+    port: u16, env = "INTERNVL_PORT";
+    /// cpu, cuda or cuda:N [default: cpu].
+    device: String, env = "INTERNVL_DEVICE";
+    /// auto, f32, bf16 or f16 [default: auto: f32 on CPU, bf16 on CUDA].
+    dtype: String, env = "INTERNVL_DTYPE";
+    /// Most sequences in one engine step [default: 256].
+    max_num_seqs: usize, env = "INTERNVL_MAX_NUM_SEQS";
+    /// Most tokens in one engine step [default: 2048].
+    max_num_batched_tokens: usize, env = "INTERNVL_MAX_NUM_BATCHED_TOKENS";
+    /// Most tokens (prompt + completion) of one sequence [default: the model's].
+    max_model_len: usize, env = "INTERNVL_MAX_MODEL_LEN";
+    /// KV-cache memory in bytes (suffixes KB, MB, GB, KiB, MiB, GiB) [default: 1GiB].
+    kv_cache_memory: String, env = "INTERNVL_KV_CACHE_MEMORY";
+    /// Tokens per KV-cache block [default: 16].
+    block_size: usize, env = "INTERNVL_BLOCK_SIZE";
+    /// Requests that may wait beyond the running ones before new ones get 429 [default: 256].
+    max_queued_requests: usize, env = "INTERNVL_MAX_QUEUED_REQUESTS";
+    /// Most images in one request [default: 8].
+    max_images_per_request: usize, env = "INTERNVL_MAX_IMAGES_PER_REQUEST";
+    /// Reuse the KV of shared prompt prefixes [default: true].
+    enable_prefix_caching: bool, env = "INTERNVL_ENABLE_PREFIX_CACHING";
+    /// Largest request body in bytes [default: 64 MiB].
+    max_body_bytes: usize, env = "INTERNVL_MAX_BODY_BYTES";
+    /// Largest image file in bytes [default: 20 MiB].
+    max_image_bytes: usize, env = "INTERNVL_MAX_IMAGE_BYTES";
+    /// Largest decoded image in pixels (decompression-bomb guard) [default: 50000000].
+    max_image_pixels: u64, env = "INTERNVL_MAX_IMAGE_PIXELS";
+    /// Seconds to fetch an http(s) image [default: 10].
+    image_fetch_timeout: u64, env = "INTERNVL_IMAGE_FETCH_TIMEOUT";
+    /// Allow image URLs on loopback, private and link-local addresses [default: false].
+    allow_private_image_urls: bool, env = "INTERNVL_ALLOW_PRIVATE_IMAGE_URLS";
+    /// Directory `file://` image URLs may read from [default: none, file URLs refused].
+    local_image_dir: PathBuf, env = "INTERNVL_LOCAL_IMAGE_DIR";
+    /// Images preprocessed at once [default: the number of CPUs].
+    preprocess_workers: usize, env = "INTERNVL_PREPROCESS_WORKERS";
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 30].
+    shutdown_timeout: u64, env = "INTERNVL_SHUTDOWN_TIMEOUT";
+    /// Log format: text or json [default: text].
+    log_format: String, env = "INTERNVL_LOG_FORMAT";
+}
+
+/// Settings with every default applied and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub model: PathBuf,
+    pub using_demo: bool,
+    pub served_model_name: String,
+    pub host: String,
+    pub port: u16,
+    pub device: String,
+    pub dtype: String,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_model_len: Option<usize>,
+    pub kv_cache_bytes: u64,
+    pub block_size: usize,
+    pub max_queued_requests: usize,
+    pub max_images_per_request: usize,
+    pub enable_prefix_caching: bool,
+    pub max_body_bytes: usize,
+    pub max_image_bytes: usize,
+    pub max_image_pixels: u64,
+    pub image_fetch_timeout: u64,
+    pub allow_private_image_urls: bool,
+    pub local_image_dir: Option<PathBuf>,
+    pub preprocess_workers: usize,
+    pub shutdown_timeout: u64,
+    pub json_logs: bool,
+    pub api_keys: Vec<String>,
+}
+
+impl Settings {
+    /// Merges flags and environment (`args`) over the config file, then the defaults.
+    pub fn resolve(args: ServeArgs, demo_dir: PathBuf) -> anyhow::Result<Settings> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => ServeArgs::default(),
+        };
+        let a = args.or(file);
+        let using_demo = a.model.is_none();
+        let model = a.model.unwrap_or(demo_dir);
+        let served_model_name = match a.served_model_name {
+            Some(name) => name,
+            None => model
+                .canonicalize()
+                .unwrap_or(model.clone())
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "internvl".into()),
+        };
+        let log_format = a.log_format.unwrap_or_else(|| "text".into());
+        if log_format != "text" && log_format != "json" {
+            bail!("log_format must be text or json, got `{log_format}`");
+        }
+        let settings = Settings {
+            model,
+            using_demo,
+            served_model_name,
+            host: a.host.unwrap_or_else(|| "127.0.0.1".into()),
+            port: a.port.unwrap_or(8000),
+            device: a.device.unwrap_or_else(|| "cpu".into()),
+            dtype: a.dtype.unwrap_or_else(|| "auto".into()),
+            max_num_seqs: positive("max_num_seqs", a.max_num_seqs.unwrap_or(256))?,
+            max_num_batched_tokens: positive(
+                "max_num_batched_tokens",
+                a.max_num_batched_tokens.unwrap_or(2048),
+            )?,
+            max_model_len: a
+                .max_model_len
+                .map(|v| positive("max_model_len", v))
+                .transpose()?,
+            kv_cache_bytes: parse_bytes(a.kv_cache_memory.as_deref().unwrap_or("1GiB"))
+                .context("kv_cache_memory")?,
+            block_size: positive("block_size", a.block_size.unwrap_or(16))?,
+            max_queued_requests: a.max_queued_requests.unwrap_or(256),
+            max_images_per_request: a.max_images_per_request.unwrap_or(8),
+            enable_prefix_caching: a.enable_prefix_caching.unwrap_or(true),
+            max_body_bytes: positive("max_body_bytes", a.max_body_bytes.unwrap_or(64 << 20))?,
+            max_image_bytes: positive("max_image_bytes", a.max_image_bytes.unwrap_or(20 << 20))?,
+            max_image_pixels: a.max_image_pixels.unwrap_or(50_000_000),
+            image_fetch_timeout: a.image_fetch_timeout.unwrap_or(10),
+            allow_private_image_urls: a.allow_private_image_urls.unwrap_or(false),
+            local_image_dir: a.local_image_dir,
+            preprocess_workers: a
+                .preprocess_workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            shutdown_timeout: a.shutdown_timeout.unwrap_or(30),
+            json_logs: log_format == "json",
+            api_keys: a.api_key.into_iter().filter(|k| !k.is_empty()).collect(),
+        };
+        Ok(settings)
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<ServeArgs> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+fn positive(name: &str, value: usize) -> anyhow::Result<usize> {
+    if value == 0 {
+        bail!("{name} must be at least 1");
+    }
+    Ok(value)
+}
+
+/// `4096`, `512MB`, `4GiB`, …: bytes.
+pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .with_context(|| format!("`{text}` is not a size in bytes"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => bail!("unknown size unit `{other}` (B, KB, MB, GB, KiB, MiB, GiB)"),
+    };
+    let bytes = number * scale as f64;
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        bail!("`{text}` must be at least one byte");
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("internvl-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "port = 9000\nblock_size = 32\napi_key = [\"a\"]\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", file.to_str().unwrap(), "--port", "9100"]);
+        let s = Settings::resolve(cli.args, PathBuf::from("/models/demo")).unwrap();
+        assert_eq!((s.port, s.block_size, s.max_num_seqs), (9100, 32, 256));
+        assert_eq!(s.api_keys, vec!["a".to_string()]);
+        assert!(s.using_demo);
+        assert_eq!(s.served_model_name, "demo");
+        std::fs::write(&file, "prot = 1\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", file.to_str().unwrap()]);
+        let err = format!(
+            "{:#}",
+            Settings::resolve(cli.args, PathBuf::new()).unwrap_err()
+        );
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn bad_settings_fail_clearly() {
+        let cli = Cli::parse_from(["x", "--block-size", "0"]);
+        let err = Settings::resolve(cli.args, PathBuf::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("block_size"), "{err}");
+        let cli = Cli::parse_from(["x", "--kv-cache-memory", "12 parsecs"]);
+        assert!(Settings::resolve(cli.args, PathBuf::new()).is_err());
+        let cli = Cli::parse_from(["x", "--log-format", "xml"]);
+        assert!(Settings::resolve(cli.args, PathBuf::new()).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1.5 GB").unwrap(), 1_500_000_000);
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("lots").is_err());
+    }
+}

@@ -1,0 +1,436 @@
+//! The server over real HTTP on the demo checkpoint: every response field, every error
+//! status, streaming equal to non-streaming, cancellation, the queue bound.
+
+use base64::Engine as _;
+use internvl_server::serve::serve;
+use internvl_server::settings::{ServeArgs, Settings};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const MODEL: &str = "demo-internvl";
+/// The test chat's prompt: 256 image tokens and 21 of template and question.
+const PROMPT_TOKENS: u64 = 256 + 21;
+
+fn root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+fn image_url(file: &str) -> String {
+    let bytes = std::fs::read(root().join("tests/fixtures/images").join(file)).unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// A server on 127.0.0.1 with a small KV cache; dropped, it shuts down.
+struct Server {
+    addr: SocketAddr,
+    client: reqwest::Client,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Server {
+    async fn start(edit: impl FnOnce(&mut ServeArgs)) -> Server {
+        let mut args = ServeArgs {
+            model: Some(root().join("models/demo-internvl")),
+            kv_cache_memory: Some("16MiB".into()),
+            ..ServeArgs::default()
+        };
+        edit(&mut args);
+        let settings = Settings::resolve(args, PathBuf::new()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(serve(settings, listener, async move {
+            let _ = stopped.await;
+        }));
+        let server = Server {
+            addr,
+            client: reqwest::Client::new(),
+            _stop: stop,
+        };
+        for _ in 0..200 {
+            if let Ok(r) = server.client.get(server.url("/health")).send().await {
+                if r.status() == 200 || r.status() == 503 && server.failed().await {
+                    return server;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the server did not become ready");
+    }
+
+    async fn failed(&self) -> bool {
+        let body = self.get("/health").await.1;
+        body.to_string().contains("failed to load")
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn post_raw(&self, path: &str, body: Vec<u8>, key: Option<&str>) -> reqwest::Response {
+        let mut req = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(key) = key {
+            req = req.header("authorization", format!("Bearer {key}"));
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .post_raw(path, body.to_string().into_bytes(), None)
+            .await;
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_slice(&r.bytes().await.unwrap()).unwrap_or(Value::Null),
+        )
+    }
+
+    /// The `data:` payloads of a streamed answer.
+    async fn stream(&self, body: Value) -> Vec<String> {
+        let mut r = self
+            .post_raw("/v1/chat/completions", body.to_string().into_bytes(), None)
+            .await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        let mut text = String::new();
+        while let Some(chunk) = r.chunk().await.unwrap() {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+}
+
+fn chat(extra: Value) -> Value {
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_url("model-a.png"), "detail": "low"}},
+            {"type": "text", "text": "描述这张图片"}
+        ]}],
+        "max_tokens": 8,
+        "temperature": 0
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+#[tokio::test]
+async fn non_streamed_answer_has_every_field() {
+    let s = Server::start(|_| {}).await;
+    let (status, body) = s
+        .post(
+            "/v1/chat/completions",
+            chat(json!({"logprobs": true, "top_logprobs": 3, "n": 2, "seed": 1})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(body["object"], "chat.completion");
+    assert!(body["created"].as_u64().unwrap() > 1_700_000_000);
+    assert_eq!(body["model"], MODEL);
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["message"]["role"], "assistant");
+        assert!(choice["message"]["content"].is_string());
+        assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()));
+        let content = choice["logprobs"]["content"].as_array().unwrap();
+        assert!(!content.is_empty());
+        let first = &content[0];
+        assert!(first["token"].is_string() && first["logprob"].as_f64().unwrap() <= 0.0);
+        assert!(first["bytes"].is_array());
+        assert_eq!(first["top_logprobs"].as_array().unwrap().len(), 3);
+    }
+    let usage = &body["usage"];
+    assert_eq!(usage["prompt_tokens"], PROMPT_TOKENS);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(usage["prompt_tokens_details"]["cached_tokens"].is_u64());
+}
+
+#[tokio::test]
+async fn streaming_equals_non_streaming_for_greedy() {
+    let s = Server::start(|_| {}).await;
+    let (_, whole) = s
+        .post("/v1/chat/completions", chat(json!({"max_tokens": 16})))
+        .await;
+    let expected = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let events = s
+        .stream(chat(
+            json!({"max_tokens": 16, "stream": true, "stream_options": {"include_usage": true}}),
+        ))
+        .await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut text = String::new();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], chunks[0]["id"]);
+        if let Some(choice) = c["choices"].as_array().unwrap().first() {
+            text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(text, expected);
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(
+        finish["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        usage["usage"]["completion_tokens"],
+        whole["usage"]["completion_tokens"]
+    );
+    assert!(
+        chunks[1]["usage"].is_null(),
+        "usage is null until the last chunk"
+    );
+}
+
+#[tokio::test]
+async fn errors_have_openai_shape_and_status() {
+    let s = Server::start(|a| {
+        a.max_images_per_request = Some(1);
+        a.max_body_bytes = Some(2 << 20);
+    })
+    .await;
+    let check = |status: u16, body: &Value, want: u16, param: Option<&str>| {
+        assert_eq!(status, want, "{body}");
+        let e = &body["error"];
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+        assert!(e["type"].is_string());
+        if let Some(param) = param {
+            assert_eq!(e["param"], param, "{body}");
+        }
+    };
+    let r = s
+        .post_raw("/v1/chat/completions", b"{not json".to_vec(), None)
+        .await;
+    let status = r.status().as_u16();
+    check(
+        status,
+        &serde_json::from_slice(&r.bytes().await.unwrap()).unwrap(),
+        400,
+        None,
+    );
+    let (st, b) = s
+        .post("/v1/chat/completions", chat(json!({"temperature": 5})))
+        .await;
+    check(st, &b, 400, Some("temperature"));
+    let (st, b) = s
+        .post("/v1/chat/completions", chat(json!({"tools": []})))
+        .await;
+    check(st, &b, 400, Some("tools"));
+    let (st, b) = s
+        .post("/v1/chat/completions", chat(json!({"max_tokens": 5000})))
+        .await;
+    check(st, &b, 400, Some("messages"));
+    assert!(b["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("maximum context length"));
+    let two = json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_url("model-a.png")}},
+        {"type": "image_url", "image_url": {"url": image_url("model-b.png")}}]}]});
+    let (st, b) = s.post("/v1/chat/completions", chat(two)).await;
+    check(st, &b, 400, Some("messages"));
+    let junk = json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]});
+    let (st, b) = s.post("/v1/chat/completions", chat(junk)).await;
+    check(st, &b, 400, Some("messages"));
+    let ssrf = json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}}]}]});
+    let (st, b) = s.post("/v1/chat/completions", chat(ssrf)).await;
+    check(st, &b, 400, Some("messages"));
+    let (st, b) = s
+        .post("/v1/chat/completions", chat(json!({"model": "gpt-4o"})))
+        .await;
+    check(st, &b, 404, None);
+    let (st, b) = s.get("/v1/nothing").await;
+    check(st, &b, 404, None);
+    let big = vec![b' '; 3 << 20];
+    let r = s.post_raw("/v1/chat/completions", big, None).await;
+    let status = r.status().as_u16();
+    check(
+        status,
+        &serde_json::from_slice(&r.bytes().await.unwrap()).unwrap(),
+        413,
+        None,
+    );
+}
+
+#[tokio::test]
+async fn api_keys_are_required_when_configured() {
+    let s = Server::start(|a| a.api_key = vec!["k1".into(), "k2".into()]).await;
+    let body = chat(json!({})).to_string().into_bytes();
+    for key in [None, Some("wrong")] {
+        let r = s.post_raw("/v1/chat/completions", body.clone(), key).await;
+        assert_eq!(r.status(), 401);
+        let b: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(b["error"]["type"], "authentication_error");
+    }
+    assert_eq!(
+        s.post_raw("/v1/chat/completions", body, Some("k2"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(s.get("/health").await.0, 200, "health needs no key");
+}
+
+#[tokio::test]
+async fn models_tokenize_health_and_request_ids() {
+    let s = Server::start(|_| {}).await;
+    let (status, models) = s.get("/v1/models").await;
+    assert_eq!(status, 200);
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], MODEL);
+    let (status, t) = s
+        .post(
+            "/tokenize",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "ignored"}},
+            {"type": "text", "text": "描述这张图片"}]}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["count"], PROMPT_TOKENS);
+    assert_eq!(t["tokens"].as_array().unwrap().len() as u64, PROMPT_TOKENS);
+    assert_eq!(t["max_model_len"], 2048);
+    let (_, t) = s.post("/tokenize", json!({"prompt": "hello"})).await;
+    assert_eq!(t["tokens"][0], 1, "BOS first");
+    let r = s
+        .client
+        .get(s.url("/health"))
+        .header("x-request-id", "my-id-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "my-id-1");
+    let r = s.client.get(s.url("/health")).send().await.unwrap();
+    assert!(!r.headers()["x-request-id"].is_empty());
+}
+
+#[tokio::test]
+async fn a_model_that_fails_to_load_answers_503() {
+    let s = Server::start(|a| a.model = Some(root().join("tests/fixtures/images"))).await;
+    let (status, body) = s.get("/health").await;
+    assert_eq!(status, 503);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("failed to load"));
+    let (status, _) = s.post("/v1/chat/completions", chat(json!({}))).await;
+    assert_eq!(status, 503);
+}
+
+#[tokio::test]
+async fn disconnecting_frees_the_kv_cache() {
+    let s = Server::start(|_| {}).await;
+    let body = chat(json!({"max_tokens": 1500, "ignore_eos": true, "stream": true}));
+    let mut r = s
+        .post_raw("/v1/chat/completions", body.to_string().into_bytes(), None)
+        .await;
+    assert!(r.chunk().await.unwrap().is_some());
+    let mut used = 0.0;
+    for _ in 0..100 {
+        used = s.metric("internvl:kv_cache_usage_perc").await;
+        if used > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(used > 0.0, "the request holds blocks while it runs");
+    drop(r);
+    for _ in 0..200 {
+        if s.metric("internvl:kv_cache_usage_perc").await == 0.0
+            && s.metric("internvl:num_requests_running").await == 0.0
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("blocks were not freed after the client went away");
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_at_once() {
+    let s = Server::start(|a| {
+        a.max_num_seqs = Some(1);
+        a.max_queued_requests = Some(0);
+    })
+    .await;
+    let body = chat(json!({"max_tokens": 1500, "ignore_eos": true, "stream": true}));
+    let mut busy = s
+        .post_raw("/v1/chat/completions", body.to_string().into_bytes(), None)
+        .await;
+    assert!(busy.chunk().await.unwrap().is_some());
+    let r = s
+        .post_raw(
+            "/v1/chat/completions",
+            chat(json!({})).to_string().into_bytes(),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    drop(busy);
+}
