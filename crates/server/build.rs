@@ -1,15 +1,20 @@
 //! Records the git commit the server is built from, for the `build_info` metric: a scrape then
 //! says which code is running without anyone having to match versions by hand.
 //!
-//! Sets `INTERNVL_GIT_COMMIT` to `git rev-parse --short HEAD`, or "unknown" where there is no
-//! git or no repository (a source tarball, a container build without `.git`).
+//! Sets `INTERNVL_GIT_COMMIT` to the build environment's `INTERNVL_GIT_COMMIT` if given, else
+//! `git rev-parse --short HEAD`, else "unknown" (a source tarball).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
-    let commit = git(&manifest_dir, &["rev-parse", "--short", "HEAD"])
+    // A container build has no `.git`: it passes the commit in as a build argument instead.
+    println!("cargo:rerun-if-env-changed=INTERNVL_GIT_COMMIT");
+    let commit = std::env::var("INTERNVL_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or_else(|| git(&manifest_dir, &["rev-parse", "--short", "HEAD"]))
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=INTERNVL_GIT_COMMIT={commit}");
 

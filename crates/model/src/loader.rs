@@ -6,7 +6,7 @@ use crate::model::{default_dtype, InternVlChat};
 use crate::preprocess::{PixelValues, PreprocessConfig};
 use crate::prompt::{ChatMessage, PromptError, PromptTemplate, IMG_CONTEXT};
 use crate::tokenizer::{Tokenizer, TokenizerError};
-use crate::weights::{Checkpoint, WeightsError};
+use crate::weights::{Checkpoint, ProgressFn, WeightsError};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 use std::sync::Arc;
@@ -54,6 +54,16 @@ pub struct EncodedPrompt {
 impl LoadedModel {
     /// Loads `dir` onto `device`, computing in `dtype` (default: [`default_dtype`]).
     pub fn load(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Self, LoadError> {
+        Self::load_with_progress(dir, device, dtype, None)
+    }
+
+    /// As [`LoadedModel::load`], reporting each tensor read to `progress`.
+    pub fn load_with_progress(
+        dir: &Path,
+        device: &Device,
+        dtype: Option<DType>,
+        progress: Option<ProgressFn>,
+    ) -> Result<Self, LoadError> {
         let config = InternVlConfig::from_dir(dir)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let image_context_id = tokenizer
@@ -74,7 +84,10 @@ impl LoadedModel {
             image_size: config.image_size as u32,
             ..PreprocessConfig::default()
         };
-        let checkpoint = Checkpoint::open(dir)?;
+        let mut checkpoint = Checkpoint::open(dir)?;
+        if let Some(progress) = progress {
+            checkpoint = checkpoint.with_progress(progress);
+        }
         let dtype = dtype.unwrap_or_else(|| default_dtype(device));
         let model = InternVlChat::new(config, checkpoint, image_context_id, dtype, device)?;
         Ok(Self {

@@ -52,8 +52,21 @@ pub enum WeightFormat {
     Pickle,
 }
 
+/// How far loading has got, reported after every tensor read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadProgress {
+    pub tensors: usize,
+    pub bytes: u64,
+    pub shards_opened: usize,
+    pub shards: usize,
+}
+
+/// Receives [`LoadProgress`] reports.
+pub type ProgressFn = Box<dyn Fn(&LoadProgress) + Send + Sync>;
+
 /// A checkpoint directory's weights, opened lazily shard by shard.
 pub struct Checkpoint {
+    progress: Option<ProgressFn>,
     dir: PathBuf,
     format: WeightFormat,
     shards: Vec<Shard>,
@@ -92,6 +105,7 @@ impl Checkpoint {
                 dir: dir.display().to_string(),
             })?;
         let mut checkpoint = Checkpoint {
+            progress: None,
             dir: dir.to_path_buf(),
             format,
             shards: Vec::new(),
@@ -152,6 +166,12 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Calls `progress` after every tensor read, so a long load can be shown.
+    pub fn with_progress(mut self, progress: ProgressFn) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
     pub fn format(&self) -> WeightFormat {
         self.format
     }
@@ -204,9 +224,25 @@ impl Checkpoint {
             },
         })?;
         let bytes = (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64;
-        self.bytes_loaded.fetch_add(bytes, Ordering::Relaxed);
-        if let Ok(mut loaded) = self.loaded.lock() {
-            loaded.insert(name.to_string());
+        let total = self.bytes_loaded.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let tensors = match self.loaded.lock() {
+            Ok(mut loaded) => {
+                loaded.insert(name.to_string());
+                loaded.len()
+            }
+            Err(_) => 0,
+        };
+        if let Some(progress) = &self.progress {
+            progress(&LoadProgress {
+                tensors,
+                bytes: total,
+                shards_opened: self
+                    .shards
+                    .iter()
+                    .filter(|s| s.reader.get().is_some())
+                    .count(),
+                shards: self.shards.len(),
+            });
         }
         Ok(tensor)
     }

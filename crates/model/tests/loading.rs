@@ -246,3 +246,31 @@ fn config_errors_name_the_field() {
         assert!(error.contains(expected), "{what}: {error}");
     }
 }
+
+#[test]
+fn progress_reports_every_tensor_and_skips_unused_layers() {
+    let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = reports.clone();
+    let loaded = LoadedModel::load_with_progress(
+        &demo_dir(),
+        &Device::Cpu,
+        None,
+        Some(Box::new(move |p| sink.lock().unwrap().push(*p))),
+    )
+    .unwrap();
+    let reports = reports.lock().unwrap();
+    let last = reports.last().unwrap();
+    let config = loaded.model.config();
+    let unused: Vec<String> = (config.vision_layers_used()..config.vision.num_hidden_layers)
+        .map(|l| format!("vision_model.encoder.layers.{l}."))
+        .collect();
+    let checkpoint = Checkpoint::open(&demo_dir()).unwrap();
+    let used = checkpoint
+        .names()
+        .filter(|n| !unused.iter().any(|u| n.starts_with(u.as_str())))
+        .count();
+    assert_eq!(last.tensors, used);
+    assert_eq!(reports.len(), last.tensors, "one report per tensor");
+    assert_eq!((last.shards_opened, last.shards), (2, 2));
+    assert!(reports.windows(2).all(|w| w[0].bytes < w[1].bytes));
+}

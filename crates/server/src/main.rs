@@ -10,7 +10,11 @@ use internvl_server::settings::{ServeArgs, Settings};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "internvl", version, about = "InternVL-Chat V1.1 inference")]
+#[command(
+    name = "internvl",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("INTERNVL_GIT_COMMIT"), ")"),
+    about = "InternVL-Chat V1.1 inference: an OpenAI-compatible server and a command line"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,7 +25,7 @@ enum Command {
     /// Answer one prompt about one image and print timings.
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI-compatible API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Measure throughput and time to first token of concurrent image chats.
     Bench(bench::BenchArgs),
 }
@@ -37,7 +41,7 @@ fn main() -> anyhow::Result<()> {
             bench::run(args)
         }
         Command::Serve(args) => {
-            let settings = Settings::resolve(args, device::demo_model_dir())?;
+            let settings = Settings::resolve(*args, device::demo_model_dir())?;
             init_logging(settings.json_logs, "info");
             serve::run(settings)
         }

@@ -8,10 +8,13 @@ use crate::settings::Settings;
 use crate::state::{AppState, Limits, Ready};
 use anyhow::{bail, Context};
 use internvl_model::preprocess::DecodeLimits;
+use internvl_model::weights::{LoadProgress, ProgressFn};
 use internvl_model::{LoadedModel, PagedKvCache};
 use internvl_scheduler::{Engine, EngineConfig};
 use std::future::Future;
+use std::io::IsTerminal;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
@@ -51,8 +54,12 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
     }
     let started = Instant::now();
     tracing::info!(model = %settings.model.display(), "loading");
-    let mut loaded = LoadedModel::load(&settings.model, &device, dtype)
-        .with_context(|| format!("loading {}", settings.model.display()))?;
+    let mut loaded =
+        LoadedModel::load_with_progress(&settings.model, &device, dtype, Some(load_progress()))
+            .with_context(|| format!("loading {}", settings.model.display()))?;
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
     loaded.preprocess.limits = DecodeLimits {
         max_pixels: settings.max_image_pixels,
         max_bytes: settings.max_image_bytes,
@@ -93,6 +100,32 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
         loaded,
         engine,
         max_model_len,
+    })
+}
+
+/// Shows loading progress: a live line on a terminal, a log line every few seconds otherwise.
+fn load_progress() -> ProgressFn {
+    let terminal = std::io::stderr().is_terminal();
+    let last = Mutex::new(Instant::now());
+    Box::new(move |p: &LoadProgress| {
+        let gb = p.bytes as f64 / 1e9;
+        if terminal {
+            eprint!(
+                "\rloading: shard {}/{}, {} tensors, {gb:.2} GB",
+                p.shards_opened, p.shards, p.tensors
+            );
+        } else if let Ok(mut last) = last.lock() {
+            if last.elapsed() >= Duration::from_secs(5) {
+                *last = Instant::now();
+                tracing::info!(
+                    shards_opened = p.shards_opened,
+                    shards = p.shards,
+                    tensors = p.tensors,
+                    gigabytes = gb,
+                    "loading"
+                );
+            }
+        }
     })
 }
 
