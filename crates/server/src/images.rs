@@ -6,7 +6,8 @@
 //! * `data:` URLs (`data:image/png;base64,...`), decoded here. The data must be base64 (standard
 //!   alphabet) and the media type, when given, an `image/*` type. As in browsers (WHATWG
 //!   "forgiving base64"), ASCII whitespace anywhere in the data is ignored (clients wrap long
-//!   base64 at 76 columns) and the `=` padding is optional; anything else malformed is refused.
+//!   base64 at 76 columns) and the `=` padding is optional; anything else malformed is refused,
+//!   including percent-escapes (clients send plain base64) and non-base64 data URLs.
 //!   The decoded size is computed from the encoded length and checked against the byte cap
 //!   before anything is allocated.
 //! * `http://` and `https://` URLs, fetched with a total timeout, a byte cap, a redirect limit
@@ -447,7 +448,7 @@ fn decode_data_url(rest: &str, max_bytes: usize) -> Result<Vec<u8>, ImageFetchEr
         ));
     }
     if !params
-        .last()
+        .next_back()
         .is_some_and(|last| last.trim().eq_ignore_ascii_case("base64"))
     {
         return Err(ImageFetchError::InvalidDataUrl(
@@ -902,8 +903,13 @@ mod tests {
         Reply(vec![(Duration::ZERO, raw.into())])
     }
 
+    // Every reply closes its connection (one request per connection keeps the server trivial),
+    // and says so, so that the client never sends a second request on it.
     fn ok(body: &[u8]) -> Reply {
-        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
         reply([head.as_bytes(), body].concat())
     }
 
@@ -914,7 +920,7 @@ mod tests {
 
     fn redirect(location: &str) -> Reply {
         reply(format!(
-            "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
+            "HTTP/1.1 302 Found\r\nConnection: close\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
         ))
     }
 
@@ -925,7 +931,7 @@ mod tests {
     }
 
     /// A tiny HTTP/1.1 server on `ip` (a loopback address), one thread per connection, at most
-    /// 16 connections. `handle` gets the request path and the server's port. Returns the address
+    /// 32 connections. `handle` gets the request path and the server's port. Returns the address
     /// and a count of accepted connections.
     fn serve(
         ip: &str,
@@ -937,7 +943,7 @@ mod tests {
         let counter = Arc::clone(&accepted);
         let handle = Arc::new(handle);
         std::thread::spawn(move || {
-            for stream in listener.incoming().take(16) {
+            for stream in listener.incoming().take(32) {
                 counter.fetch_add(1, Ordering::SeqCst);
                 let handle = Arc::clone(&handle);
                 std::thread::spawn(move || respond(stream?, addr.port(), &*handle));
@@ -1031,12 +1037,14 @@ mod tests {
 
     #[tokio::test]
     async fn images_http_allowed_with_private_networks() {
-        let (addr, _) = serve("127.0.0.1", |path, _| match path {
+        let (addr, _) = serve("127.0.0.1", |path, _| {
+            match path {
             "/a.png" => ok(&PNG),
             "/close.png" => ok_until_close(&PNG),
             _ => {
-                reply("HTTP/1.1 404 Not Found\r\nContent-Length: 21\r\n\r\nSECRET internal page\n")
+                reply("HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 21\r\n\r\nSECRET internal page\n")
             }
+        }
         });
         let port = addr.port();
         let f = fetcher(private_ok());
@@ -1087,8 +1095,12 @@ mod tests {
                 None => match path {
                     "/to-file" => redirect("file:///etc/passwd"),
                     "/to-data" => redirect("data:image/png;base64,aGk="),
-                    "/no-location" => reply("HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n"),
-                    _ => reply("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+                    "/no-location" => reply(
+                        "HTTP/1.1 302 Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                    ),
+                    _ => reply(
+                        "HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                    ),
                 },
             }
         });
@@ -1132,7 +1144,7 @@ mod tests {
             "/to-ip" => redirect(&format!("http://127.0.0.1:{port}/a.png")),
             "/to-mapped" => redirect(&format!("http://[::ffff:127.0.0.1]:{port}/a.png")),
             "/to-name" => redirect(&format!("http://localhost:{port}/a.png")),
-            _ => reply("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+            _ => reply("HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"),
         });
         let port = addr.port();
         let f = ImageFetcher::with_classifier(ImageFetchConfig::default(), only_127_0_0_2).unwrap();
