@@ -195,9 +195,18 @@ impl<R: ModelRunner> Scheduler<R> {
         self.drop_abandoned();
         let plan = self.schedule();
         if !plan.is_empty() {
-            let result = self.encode_images(&plan).and_then(|()| self.forward(&plan));
+            let result = self.encode_images(&plan).and_then(|()| {
+                let started = Instant::now();
+                let rows = self.forward(&plan);
+                self.stats.forward_time += started.elapsed();
+                rows
+            });
             match result {
-                Ok(rows) => self.advance(&plan, rows),
+                Ok(rows) => {
+                    let started = Instant::now();
+                    self.advance(&plan, rows);
+                    self.stats.sample_time += started.elapsed();
+                }
                 Err(e) => self.fail(&plan, &e),
             }
             self.stats.steps += 1;

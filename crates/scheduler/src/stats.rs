@@ -19,6 +19,10 @@ pub struct EngineStats {
     pub images_encoded: u64,
     /// Time spent in the vision encoder.
     pub encode_time: Duration,
+    /// Time spent in LLM forwards.
+    pub forward_time: Duration,
+    /// Time spent sampling, detokenizing and checking stops.
+    pub sample_time: Duration,
     pub steps: u64,
     pub tokens_last_step: usize,
     pub finished: u64,

@@ -179,11 +179,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let stats = engine.stats();
     eprintln!(
-        "engine: {} steps, {} images encoded in {:.1} s, {} preemptions",
+        "engine: {} steps, {} preemptions | time: vision {:.1} s ({} images), LLM forward {:.1} s, \
+         sampling + detokenizing {:.1} s",
         stats.steps,
-        stats.images_encoded,
+        stats.preemptions,
         stats.encode_time.as_secs_f64(),
-        stats.preemptions
+        stats.images_encoded,
+        stats.forward_time.as_secs_f64(),
+        stats.sample_time.as_secs_f64(),
     );
     Ok(())
 }

@@ -306,6 +306,8 @@ async fn errors_have_openai_shape_and_status() {
     check(st, &b, 404, None);
     let (st, b) = s.get("/v1/nothing").await;
     check(st, &b, 404, None);
+    let (st, b) = s.get("/v1/chat/completions").await;
+    check(st, &b, 405, None);
     let big = vec![b' '; 3 << 20];
     let r = s.post_raw("/v1/chat/completions", big, None).await;
     let status = r.status().as_u16();
