@@ -73,13 +73,18 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
     let block_size = settings.block_size;
     let per_block = PagedKvCache::bytes_per_block(&config.llm, block_size, loaded.model.dtype());
     let useful = settings.max_num_seqs * max_model_len.div_ceil(block_size);
-    let num_blocks = ((settings.kv_cache_bytes / per_block as u64) as usize).min(useful);
+    // 30 GiB leaves an 80 GB GPU room for V1.1's 38 GB of weights and activations.
+    let kv_bytes =
+        settings
+            .kv_cache_bytes
+            .unwrap_or(if device.is_cpu() { 1 << 30 } else { 30 << 30 });
+    let num_blocks = ((kv_bytes / per_block as u64) as usize).min(useful);
     if num_blocks < max_model_len.div_ceil(block_size) {
         bail!(
             "kv_cache_memory ({} bytes) holds {num_blocks} blocks of {block_size} tokens, less \
              than one sequence of max_model_len {max_model_len}: raise kv_cache_memory or lower \
              max_model_len",
-            settings.kv_cache_bytes
+            kv_bytes
         );
     }
     let mut engine_config = EngineConfig::new(num_blocks, block_size, max_model_len);

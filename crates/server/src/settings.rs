@@ -56,7 +56,7 @@ settings! {
     max_num_batched_tokens: usize, env = "INTERNVL_MAX_NUM_BATCHED_TOKENS";
     /// Most tokens (prompt + completion) of one sequence [default: the model's].
     max_model_len: usize, env = "INTERNVL_MAX_MODEL_LEN";
-    /// KV-cache memory in bytes (suffixes KB, MB, GB, KiB, MiB, GiB) [default: 1GiB].
+    /// KV-cache memory in bytes (suffixes KB, MB, GB, KiB, MiB, GiB) [default: 1GiB on CPU, 30GiB on CUDA].
     kv_cache_memory: String, env = "INTERNVL_KV_CACHE_MEMORY";
     /// Tokens per KV-cache block [default: 16].
     block_size: usize, env = "INTERNVL_BLOCK_SIZE";
@@ -99,7 +99,8 @@ pub struct Settings {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub max_model_len: Option<usize>,
-    pub kv_cache_bytes: u64,
+    /// `None`: the device's default.
+    pub kv_cache_bytes: Option<u64>,
     pub block_size: usize,
     pub max_queued_requests: usize,
     pub max_images_per_request: usize,
@@ -156,7 +157,11 @@ impl Settings {
                 .max_model_len
                 .map(|v| positive("max_model_len", v))
                 .transpose()?,
-            kv_cache_bytes: parse_bytes(a.kv_cache_memory.as_deref().unwrap_or("1GiB"))
+            kv_cache_bytes: a
+                .kv_cache_memory
+                .as_deref()
+                .map(parse_bytes)
+                .transpose()
                 .context("kv_cache_memory")?,
             block_size: positive("block_size", a.block_size.unwrap_or(16))?,
             max_queued_requests: a.max_queued_requests.unwrap_or(256),
