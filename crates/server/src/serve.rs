@@ -4,7 +4,7 @@ use crate::api::routes::router;
 use crate::device::{parse_device, parse_dtype};
 use crate::images::{ImageFetchConfig, ImageFetcher};
 use crate::runner::{CandleRunner, TokenizerDecoder};
-use crate::settings::Settings;
+use crate::settings::{KvCacheMemory, Settings};
 use crate::state::{AppState, Limits, Ready};
 use anyhow::{bail, Context};
 use internvl_model::preprocess::DecodeLimits;
@@ -74,10 +74,14 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
     let per_block = PagedKvCache::bytes_per_block(&config.llm, block_size, loaded.model.dtype());
     let useful = settings.max_num_seqs * max_model_len.div_ceil(block_size);
     // 30 GiB leaves an 80 GB GPU room for V1.1's 38 GB of weights and activations.
-    let kv_bytes =
-        settings
-            .kv_cache_bytes
-            .unwrap_or(if device.is_cpu() { 1 << 30 } else { 30 << 30 });
+    let kv_bytes = match settings.kv_cache_memory {
+        Some(KvCacheMemory::Bytes(bytes)) => bytes,
+        Some(KvCacheMemory::Fraction(fraction)) => {
+            (available_memory(&device)? as f64 * fraction) as u64
+        }
+        None if device.is_cpu() => 1 << 30,
+        None => 30 << 30,
+    };
     let num_blocks = ((kv_bytes / per_block as u64) as usize).min(useful);
     if num_blocks < max_model_len.div_ceil(block_size) {
         bail!(
@@ -106,6 +110,20 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
         engine,
         max_model_len,
     })
+}
+
+/// Memory the KV cache could take now: the system's available memory on CPU.
+fn available_memory(device: &candle_core::Device) -> anyhow::Result<u64> {
+    if !device.is_cpu() {
+        bail!("kv_cache_memory as a fraction is supported on CPU only for now: give bytes, e.g. 30GiB");
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .context("no MemAvailable in /proc/meminfo")
 }
 
 /// Shows loading progress: a live line on a terminal, a log line every few seconds otherwise.

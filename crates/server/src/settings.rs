@@ -56,7 +56,8 @@ settings! {
     max_num_batched_tokens: usize, env = "INTERNVL_MAX_NUM_BATCHED_TOKENS";
     /// Most tokens (prompt + completion) of one sequence [default: the model's].
     max_model_len: usize, env = "INTERNVL_MAX_MODEL_LEN";
-    /// KV-cache memory in bytes (suffixes KB, MB, GB, KiB, MiB, GiB) [default: 1GiB on CPU, 30GiB on CUDA].
+    /// KV-cache memory: bytes (suffixes KB, MB, GB, KiB, MiB, GiB) or a fraction of the
+    /// available memory such as 0.5 [default: 1GiB on CPU, 30GiB on CUDA].
     kv_cache_memory: String, env = "INTERNVL_KV_CACHE_MEMORY";
     /// Tokens per KV-cache block [default: 16].
     block_size: usize, env = "INTERNVL_BLOCK_SIZE";
@@ -100,7 +101,7 @@ pub struct Settings {
     pub max_num_batched_tokens: usize,
     pub max_model_len: Option<usize>,
     /// `None`: the device's default.
-    pub kv_cache_bytes: Option<u64>,
+    pub kv_cache_memory: Option<KvCacheMemory>,
     pub block_size: usize,
     pub max_queued_requests: usize,
     pub max_images_per_request: usize,
@@ -157,10 +158,10 @@ impl Settings {
                 .max_model_len
                 .map(|v| positive("max_model_len", v))
                 .transpose()?,
-            kv_cache_bytes: a
+            kv_cache_memory: a
                 .kv_cache_memory
                 .as_deref()
-                .map(parse_bytes)
+                .map(KvCacheMemory::parse)
                 .transpose()
                 .context("kv_cache_memory")?,
             block_size: positive("block_size", a.block_size.unwrap_or(16))?,
@@ -195,6 +196,31 @@ fn positive(name: &str, value: usize) -> anyhow::Result<usize> {
         bail!("{name} must be at least 1");
     }
     Ok(value)
+}
+
+/// How much memory the KV cache gets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCacheMemory {
+    Bytes(u64),
+    /// Of the memory available when the model has loaded.
+    Fraction(f64),
+}
+
+impl KvCacheMemory {
+    /// A decimal number up to 1 (`0.5`, `1.0`) is a fraction; anything else is a size.
+    pub fn parse(text: &str) -> anyhow::Result<KvCacheMemory> {
+        let text = text.trim();
+        if text.contains('.') && text.chars().all(|c| c.is_ascii_digit() || c == '.') {
+            let fraction: f64 = text
+                .parse()
+                .with_context(|| format!("`{text}` is not a number"))?;
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                bail!("a fraction of memory must be in (0, 1], got {text}");
+            }
+            return Ok(KvCacheMemory::Fraction(fraction));
+        }
+        parse_bytes(text).map(KvCacheMemory::Bytes)
+    }
 }
 
 /// `4096`, `512MB`, `4GiB`, …: bytes.
@@ -276,5 +302,18 @@ mod tests {
         assert_eq!(parse_bytes("1.5 GB").unwrap(), 1_500_000_000);
         assert!(parse_bytes("0").is_err());
         assert!(parse_bytes("lots").is_err());
+        assert_eq!(
+            KvCacheMemory::parse("0.5").unwrap(),
+            KvCacheMemory::Fraction(0.5)
+        );
+        assert_eq!(
+            KvCacheMemory::parse("1.0").unwrap(),
+            KvCacheMemory::Fraction(1.0)
+        );
+        assert_eq!(
+            KvCacheMemory::parse("2GiB").unwrap(),
+            KvCacheMemory::Bytes(2 << 30)
+        );
+        assert!(KvCacheMemory::parse("1.5").is_err());
     }
 }
