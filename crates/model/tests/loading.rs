@@ -274,3 +274,20 @@ fn progress_reports_every_tensor_and_skips_unused_layers() {
     assert_eq!((last.shards_opened, last.shards), (2, 2));
     assert!(reports.windows(2).all(|w| w[0].bytes < w[1].bytes));
 }
+
+#[test]
+fn f16_checkpoints_load() {
+    let pickled = one_image_logits(&load_demo());
+    let f16: HashMap<String, Tensor> = demo_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_dtype(DType::F16).unwrap()))
+        .collect();
+    let dir = empty_copy();
+    candle_core::safetensors::save(&f16, dir.path().join("model.safetensors")).unwrap();
+    let logits = one_image_logits(&load(dir.path()).unwrap());
+    // bf16 values fit f16's 10-bit mantissa; only the tiniest lose bits as subnormals.
+    let (abs, rel) = errors(&logits, &pickled);
+    assert!(rel < 1e-3, "f16 weights: max abs {abs}, rel {rel}");
+    let top = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    assert_eq!(top(&logits), top(&pickled));
+}
