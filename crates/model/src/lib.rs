@@ -9,6 +9,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod loader;
 pub mod model;
+pub mod paged_attention;
 pub mod preprocess;
 pub mod projector;
 pub mod prompt;

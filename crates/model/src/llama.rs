@@ -6,8 +6,13 @@
 
 use crate::config::LlmConfig;
 use crate::kv_cache::{PagedKvCache, SequenceSlice};
+use crate::paged_attention::paged_attention_cpu;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+
+/// Query runs up to this long (decode steps, short chunks) attend in place in the cache; longer
+/// prefills gather the context and use matmuls, which win when many queries share it.
+const IN_PLACE_MAX_QUERIES: usize = 16;
 
 /// Precomputed rotary cos/sin for every position the model supports.
 #[derive(Debug, Clone)]
@@ -63,6 +68,8 @@ struct BatchPlan<'a> {
     write_slots: Tensor,
     /// Per sequence: cache slots of positions `0..start + len`, read by attention.
     read_slots: Vec<Tensor>,
+    /// The same slots as plain ids, for attention in place.
+    read_slot_ids: Vec<Vec<u32>>,
 }
 
 impl Attention {
@@ -113,9 +120,23 @@ impl Attention {
         let scale = (hd as f64).powf(-0.5);
         let mut outputs = Vec::with_capacity(plan.slices.len());
         let mut offset = 0;
-        for (slice, slots) in plan.slices.iter().zip(&plan.read_slots) {
+        for ((slice, slots), slot_ids) in plan
+            .slices
+            .iter()
+            .zip(&plan.read_slots)
+            .zip(&plan.read_slot_ids)
+        {
             let q = q.narrow(1, offset, slice.len)?;
             offset += slice.len;
+            if slice.len <= IN_PLACE_MAX_QUERIES {
+                let q = q.contiguous()?;
+                let in_place =
+                    paged_attention_cpu(&q, k_cache, v_cache, slot_ids, slice.start, scale as f32)?;
+                if let Some(out) = in_place {
+                    outputs.push(out);
+                    continue;
+                }
+            }
             let ctx = slice.start + slice.len;
             let gather = |cache: &Tensor| -> Result<Tensor> {
                 let x = cache.index_select(slots, 0)?.transpose(0, 1)?; // [kv_heads, ctx, hd]
@@ -301,6 +322,7 @@ impl Llama {
         let mut positions = Vec::with_capacity(tokens);
         let mut write_slots = Vec::with_capacity(tokens);
         let mut read_slots = Vec::with_capacity(slices.len());
+        let mut read_slot_ids = Vec::with_capacity(slices.len());
         for slice in slices {
             let end = slice.start + slice.len;
             if end > self.max_positions {
@@ -318,13 +340,15 @@ impl Llama {
             }
             positions.extend(slice.start as u32..end as u32);
             write_slots.extend_from_slice(&slots[slice.start..]);
-            read_slots.push(Tensor::new(slots, device)?);
+            read_slots.push(Tensor::new(slots.as_slice(), device)?);
+            read_slot_ids.push(slots);
         }
         Ok(BatchPlan {
             slices,
             positions: Tensor::new(positions, device)?,
             write_slots: Tensor::new(write_slots, device)?,
             read_slots,
+            read_slot_ids,
         })
     }
 }

@@ -355,6 +355,14 @@ impl Metrics {
             &mut seen.image_cache_hits,
             stats.image_cache_hits,
         );
+        // Requests whose client went away end inside the engine, without a Finished event.
+        advance(
+            &self
+                .request_success
+                .with_label_values(&[FinishReason::Abort.as_str()]),
+            &mut seen.aborted,
+            stats.aborted,
+        );
 
         // The engine encodes images in batches and reports only totals, so each image encoded
         // since the last snapshot is observed at the mean time per image: the histogram's

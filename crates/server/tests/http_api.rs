@@ -436,3 +436,45 @@ async fn a_full_queue_answers_429_at_once() {
     assert!(r.headers().contains_key("retry-after"));
     drop(busy);
 }
+
+#[tokio::test]
+async fn a_non_streamed_request_is_cancelled_when_the_client_leaves() {
+    let s = Server::start(|_| {}).await;
+    let body = chat(json!({"max_tokens": 1500, "ignore_eos": true}));
+    let client = s.client.clone();
+    let url = s.url("/v1/chat/completions");
+    let request = tokio::spawn(async move {
+        client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+    });
+    let mut running = false;
+    for _ in 0..200 {
+        if s.metric("internvl:num_requests_running").await == 1.0 {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(running, "the request should be running");
+    // The client gives up long before 1500 tokens: its connection closes.
+    request.abort();
+    for _ in 0..200 {
+        let aborted = s
+            .metric("internvl:request_success_total{finished_reason=\"abort\"")
+            .await;
+        if aborted == 1.0 {
+            assert_eq!(s.metric("internvl:kv_cache_usage_perc").await, 0.0);
+            let length = s
+                .metric("internvl:request_success_total{finished_reason=\"length\"")
+                .await;
+            assert_eq!(length, 0.0, "the request did not run to its end");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the abandoned request was not aborted");
+}
