@@ -129,16 +129,22 @@ impl LoadedModel {
 
     /// Stacks preprocessed images into the vision encoder's input [B, 3, H, W].
     pub fn pixel_tensor(&self, images: &[PixelValues]) -> candle_core::Result<Tensor> {
-        let tensors = images
-            .iter()
-            .map(|p| {
-                Tensor::from_slice(
-                    &p.data,
-                    (3, p.height as usize, p.width as usize),
-                    &Device::Cpu,
-                )
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::stack(&tensors, 0)?.to_device(self.model.device())
+        let images: Vec<&PixelValues> = images.iter().collect();
+        pixel_batch(&images, self.model.device())
     }
+}
+
+/// Stacks preprocessed images into a vision-encoder batch [B, 3, H, W] on `device`.
+pub fn pixel_batch(images: &[&PixelValues], device: &Device) -> candle_core::Result<Tensor> {
+    let tensors = images
+        .iter()
+        .map(|p| {
+            Tensor::from_slice(
+                &p.data,
+                (3, p.height as usize, p.width as usize),
+                &Device::Cpu,
+            )
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::stack(&tensors, 0)?.to_device(device)
 }

@@ -1,6 +1,7 @@
 //! The model crate's InternVL behind the engine's `ModelRunner` interface.
 
 use candle_core::Tensor;
+use internvl_model::loader::pixel_batch;
 use internvl_model::preprocess::PixelValues;
 use internvl_model::tokenizer::Tokenizer;
 use internvl_model::{EncodedPrompt, InternVlChat, PagedKvCache, SequenceSlice};
@@ -36,18 +37,7 @@ impl ModelRunner for CandleRunner {
     type ImageEmbeds = Tensor;
 
     fn encode_images(&mut self, images: &[&PixelValues]) -> Result<Vec<Tensor>, RunnerError> {
-        let inputs = images
-            .iter()
-            .map(|p| {
-                Tensor::from_slice(
-                    &p.data,
-                    (3, p.height as usize, p.width as usize),
-                    &candle_core::Device::Cpu,
-                )
-            })
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(failed)?;
-        let batch = Tensor::stack(&inputs, 0).map_err(failed)?;
+        let batch = pixel_batch(images, self.model.device()).map_err(failed)?;
         let embeds = self.model.encode_images(&batch).map_err(failed)?;
         (0..images.len())
             .map(|i| embeds.get(i).map_err(failed))
