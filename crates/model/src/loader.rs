@@ -28,6 +28,8 @@ pub enum LoadError {
     ImagePlaceholders { found: usize, images: usize },
     #[error("the tokenizer has {tokenizer} tokens but the model's vocabulary only {model}")]
     VocabMismatch { tokenizer: usize, model: usize },
+    #[error("bf16 compute is not supported on the CPU (candle's CPU matmul lacks it): use f32, the default")]
+    Bf16OnCpu,
     #[error("building the model: {0}")]
     Model(#[from] candle_core::Error),
 }
@@ -64,6 +66,10 @@ impl LoadedModel {
         dtype: Option<DType>,
         progress: Option<ProgressFn>,
     ) -> Result<Self, LoadError> {
+        let dtype = dtype.unwrap_or_else(|| default_dtype(device));
+        if device.is_cpu() && dtype == DType::BF16 {
+            return Err(LoadError::Bf16OnCpu);
+        }
         let config = InternVlConfig::from_dir(dir)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let image_context_id = tokenizer
@@ -88,7 +94,6 @@ impl LoadedModel {
         if let Some(progress) = progress {
             checkpoint = checkpoint.with_progress(progress);
         }
-        let dtype = dtype.unwrap_or_else(|| default_dtype(device));
         let model = InternVlChat::new(config, checkpoint, image_context_id, dtype, device)?;
         Ok(Self {
             model: Arc::new(model),
