@@ -65,6 +65,8 @@ settings! {
     max_queued_requests: usize, env = "INTERNVL_MAX_QUEUED_REQUESTS";
     /// Most images in one request [default: 8].
     max_images_per_request: usize, env = "INTERNVL_MAX_IMAGES_PER_REQUEST";
+    /// Most images the vision encoder runs in one engine step (one batched pass) [default: 8].
+    max_images_per_step: usize, env = "INTERNVL_MAX_IMAGES_PER_STEP";
     /// Reuse the KV of shared prompt prefixes [default: true].
     enable_prefix_caching: bool, env = "INTERNVL_ENABLE_PREFIX_CACHING";
     /// Largest request body in bytes [default: 64 MiB].
@@ -105,6 +107,7 @@ pub struct Settings {
     pub block_size: usize,
     pub max_queued_requests: usize,
     pub max_images_per_request: usize,
+    pub max_images_per_step: usize,
     pub enable_prefix_caching: bool,
     pub max_body_bytes: usize,
     pub max_image_bytes: usize,
@@ -167,6 +170,10 @@ impl Settings {
             block_size: positive("block_size", a.block_size.unwrap_or(16))?,
             max_queued_requests: a.max_queued_requests.unwrap_or(256),
             max_images_per_request: a.max_images_per_request.unwrap_or(8),
+            max_images_per_step: positive(
+                "max_images_per_step",
+                a.max_images_per_step.unwrap_or(8),
+            )?,
             enable_prefix_caching: a.enable_prefix_caching.unwrap_or(true),
             max_body_bytes: positive("max_body_bytes", a.max_body_bytes.unwrap_or(64 << 20))?,
             max_image_bytes: positive("max_image_bytes", a.max_image_bytes.unwrap_or(20 << 20))?,
