@@ -67,9 +67,7 @@ struct BatchPlan<'a> {
     /// Cache slot every packed token is written to.
     write_slots: Tensor,
     /// Per sequence: cache slots of positions `0..start + len`, read by attention.
-    read_slots: Vec<Tensor>,
-    /// The same slots as plain ids, for attention in place.
-    read_slot_ids: Vec<Vec<u32>>,
+    read_slots: Vec<Vec<u32>>,
 }
 
 impl Attention {
@@ -120,26 +118,22 @@ impl Attention {
         let scale = (hd as f64).powf(-0.5);
         let mut outputs = Vec::with_capacity(plan.slices.len());
         let mut offset = 0;
-        for ((slice, slots), slot_ids) in plan
-            .slices
-            .iter()
-            .zip(&plan.read_slots)
-            .zip(&plan.read_slot_ids)
-        {
+        for (slice, slots) in plan.slices.iter().zip(&plan.read_slots) {
             let q = q.narrow(1, offset, slice.len)?;
             offset += slice.len;
             if slice.len <= IN_PLACE_MAX_QUERIES {
                 let q = q.contiguous()?;
                 let in_place =
-                    paged_attention_cpu(&q, k_cache, v_cache, slot_ids, slice.start, scale as f32)?;
+                    paged_attention_cpu(&q, k_cache, v_cache, slots, slice.start, scale as f32)?;
                 if let Some(out) = in_place {
                     outputs.push(out);
                     continue;
                 }
             }
             let ctx = slice.start + slice.len;
+            let slots = Tensor::new(slots.as_slice(), q.device())?;
             let gather = |cache: &Tensor| -> Result<Tensor> {
-                let x = cache.index_select(slots, 0)?.transpose(0, 1)?; // [kv_heads, ctx, hd]
+                let x = cache.index_select(&slots, 0)?.transpose(0, 1)?; // [kv_heads, ctx, hd]
                 let x = x
                     .unsqueeze(1)?
                     .broadcast_as((self.num_kv_heads, groups, ctx, hd))?
@@ -322,7 +316,6 @@ impl Llama {
         let mut positions = Vec::with_capacity(tokens);
         let mut write_slots = Vec::with_capacity(tokens);
         let mut read_slots = Vec::with_capacity(slices.len());
-        let mut read_slot_ids = Vec::with_capacity(slices.len());
         for slice in slices {
             let end = slice.start + slice.len;
             if end > self.max_positions {
@@ -340,15 +333,13 @@ impl Llama {
             }
             positions.extend(slice.start as u32..end as u32);
             write_slots.extend_from_slice(&slots[slice.start..]);
-            read_slots.push(Tensor::new(slots.as_slice(), device)?);
-            read_slot_ids.push(slots);
+            read_slots.push(slots);
         }
         Ok(BatchPlan {
             slices,
             positions: Tensor::new(positions, device)?,
             write_slots: Tensor::new(write_slots, device)?,
             read_slots,
-            read_slot_ids,
         })
     }
 }

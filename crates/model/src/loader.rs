@@ -38,7 +38,8 @@ pub enum LoadError {
 pub struct LoadedModel {
     /// Shared: the engine's runner holds it too.
     pub model: Arc<InternVlChat>,
-    pub tokenizer: Tokenizer,
+    /// Shared: the engine's detokenizer and every reply hold it too.
+    pub tokenizer: Arc<Tokenizer>,
     pub template: PromptTemplate,
     pub preprocess: PreprocessConfig,
 }
@@ -97,7 +98,7 @@ impl LoadedModel {
         let model = InternVlChat::new(config, checkpoint, image_context_id, dtype, device)?;
         Ok(Self {
             model: Arc::new(model),
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             template,
             preprocess,
         })

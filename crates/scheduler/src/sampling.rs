@@ -290,11 +290,7 @@ impl Sampler {
     /// cutoff), found by selection in O(vocabulary). The draw then walks the vocabulary in id
     /// order, so that the seeded result does not depend on how the selection arranged things.
     fn draw(&mut self, logits: &[f32]) -> Result<u32, SamplingError> {
-        let max = logits
-            .iter()
-            .copied()
-            .filter(|l| !l.is_nan())
-            .fold(f32::NEG_INFINITY, f32::max);
+        let max = max_logit(logits);
         if max == f32::NEG_INFINITY {
             return Err(SamplingError::NoCandidates);
         }
@@ -446,13 +442,18 @@ fn nucleus_cutoff(candidates: &mut [(u32, f32)], target: f64) -> (u32, f32) {
     rest[rest.len() - 1]
 }
 
-/// log Σ exp(logits), skipping NaN; the log-softmax is `logit - log_sum_exp`.
-fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = logits
+/// The largest logit, skipping NaN; -inf when there is none.
+fn max_logit(logits: &[f32]) -> f32 {
+    logits
         .iter()
         .copied()
         .filter(|l| !l.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// log Σ exp(logits), skipping NaN; the log-softmax is `logit - log_sum_exp`.
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = max_logit(logits);
     if max == f32::NEG_INFINITY {
         return max;
     }

@@ -73,12 +73,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         parts: vec![Part::Image, Part::Text(QUESTION.into())],
     }])?;
     let tokens_per_image = loaded.model.config().num_image_tokens();
-    let context = loaded.model.image_context_id();
-    let offset = prompt
-        .ids
-        .iter()
-        .position(|&t| t == context)
-        .context("the prompt has no image placeholder")?;
+    let offset = prompt.image_offsets[0];
     let max_conc = *args
         .concurrency
         .iter()

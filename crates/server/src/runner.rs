@@ -89,7 +89,7 @@ impl ModelRunner for CandleRunner {
 }
 
 /// The model's tokenizer as the engine's detokenizer sees it.
-pub struct TokenizerDecoder(pub Tokenizer);
+pub struct TokenizerDecoder(pub Arc<Tokenizer>);
 
 impl TokenDecoder for TokenizerDecoder {
     fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {

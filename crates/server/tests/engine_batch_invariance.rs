@@ -102,15 +102,11 @@ fn user(images: usize, text: &str) -> ChatMessage {
 
 fn request(f: &Fixture, messages: &[ChatMessage], images: &[usize]) -> Request<PixelValues> {
     let prompt = f.loaded.encode_prompt(messages).unwrap();
-    let context = f.loaded.model.image_context_id();
     let tokens = f.loaded.model.config().num_image_tokens();
-    let offsets: Vec<usize> = (0..prompt.ids.len())
-        .filter(|&i| prompt.ids[i] == context && (i == 0 || prompt.ids[i - 1] != context))
-        .collect();
-    assert_eq!(offsets.len(), images.len());
+    assert_eq!(prompt.image_offsets.len(), images.len());
     Request {
-        prompt: prompt.ids,
-        images: offsets
+        images: prompt
+            .image_offsets
             .iter()
             .zip(images)
             .map(|(&offset, &img)| ImageInput {
@@ -120,6 +116,7 @@ fn request(f: &Fixture, messages: &[ChatMessage], images: &[usize]) -> Request<P
                 pixels: f.images[img].1.clone(),
             })
             .collect(),
+        prompt: prompt.ids,
         sampling: SamplingParams::default(),
         stop: StopParams {
             max_tokens: MAX_TOKENS,

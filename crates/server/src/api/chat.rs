@@ -146,7 +146,7 @@ struct Reply {
     id: String,
     created: u64,
     model: String,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     state: Arc<AppState>,
     num_images: usize,
 }
@@ -301,23 +301,26 @@ impl Streaming {
         logprobs: Option<ChoiceLogprobs>,
         finish: Option<&'static str>,
     ) -> SseEvent {
-        self.event(ChatCompletionChunk {
+        let choice = ChunkChoice {
+            index,
+            delta,
+            logprobs,
+            finish_reason: finish,
+        };
+        self.event(vec![choice], self.include_usage.then_some(None))
+    }
+
+    /// One chunk as an SSE event; `usage` is absent, null, or (last chunk) the totals.
+    fn event(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) -> SseEvent {
+        let chunk = ChatCompletionChunk {
             id: self.reply.id.clone(),
             object: "chat.completion.chunk",
             created: self.reply.created,
             model: self.reply.model.clone(),
-            choices: vec![ChunkChoice {
-                index,
-                delta,
-                logprobs,
-                finish_reason: finish,
-            }],
-            usage: self.include_usage.then_some(None),
+            choices,
+            usage,
             system_fingerprint: None,
-        })
-    }
-
-    fn event(&self, chunk: ChatCompletionChunk) -> SseEvent {
+        };
         SseEvent::default().data(serde_json::to_string(&chunk).unwrap_or_default())
     }
 
@@ -368,16 +371,7 @@ impl Streaming {
                 self.done += 1;
                 if self.done == self.n {
                     if self.include_usage {
-                        let last = ChatCompletionChunk {
-                            id: self.reply.id.clone(),
-                            object: "chat.completion.chunk",
-                            created: self.reply.created,
-                            model: self.reply.model.clone(),
-                            choices: Vec::new(),
-                            usage: Some(Some(self.usage)),
-                            system_fingerprint: None,
-                        };
-                        let event = self.event(last);
+                        let event = self.event(Vec::new(), Some(Some(self.usage)));
                         self.pending.push_back(event);
                     }
                     self.pending.push_back(SseEvent::default().data("[DONE]"));
