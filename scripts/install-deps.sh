@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # System packages the build needs: cmake and nasm build the vendored libjpeg-turbo (the JPEG
-# decoder Pillow uses, needed for pixel-exact preprocessing).
+# decoder Pillow uses, needed for pixel-exact preprocessing); g++ (C++20) builds the CPU
+# simulator the tests run the CUDA kernels on.
 set -euo pipefail
 missing=()
 for tool in cmake nasm; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
