@@ -114,9 +114,13 @@ pub struct InternVlConfig {
 impl InternVlConfig {
     /// Reads `config.json` from a checkpoint directory.
     pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
-        let path = dir.join("config.json");
+        Self::from_file(&dir.join("config.json"))
+    }
+
+    /// Reads a config file of that format wherever it is: random weights need no checkpoint.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: shown.clone(),
             source,
         })?;

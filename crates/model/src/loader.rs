@@ -5,6 +5,7 @@ use crate::config::{ConfigError, InternVlConfig};
 use crate::model::{default_dtype, InternVlChat};
 use crate::preprocess::{PixelValues, PreprocessConfig};
 use crate::prompt::{ChatMessage, PromptError, PromptTemplate, IMG_CONTEXT};
+use crate::random_weights::{random_model, ParamCount};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{Checkpoint, ProgressFn, WeightsError};
 use candle_core::{DType, Device, Tensor};
@@ -67,41 +68,32 @@ impl LoadedModel {
         dtype: Option<DType>,
         progress: Option<ProgressFn>,
     ) -> Result<Self, LoadError> {
-        let dtype = dtype.unwrap_or_else(|| default_dtype(device));
-        if device.is_cpu() && dtype == DType::BF16 {
-            return Err(LoadError::Bf16OnCpu);
-        }
+        let dtype = compute_dtype(device, dtype)?;
         let config = InternVlConfig::from_dir(dir)?;
-        let tokenizer = Tokenizer::from_dir(dir)?;
-        let image_context_id = tokenizer
-            .token_to_id(IMG_CONTEXT)
-            .ok_or(LoadError::MissingToken(IMG_CONTEXT))?;
-        if tokenizer.vocab_size() > config.llm.vocab_size {
-            return Err(LoadError::VocabMismatch {
-                tokenizer: tokenizer.vocab_size(),
-                model: config.llm.vocab_size,
-            });
-        }
-        let template = PromptTemplate::new(
-            &config.template,
-            config.system_message.clone(),
-            config.num_image_tokens(),
-        )?;
-        let preprocess = PreprocessConfig {
-            image_size: config.image_size as u32,
-            ..PreprocessConfig::default()
-        };
+        let front = FrontEnd::new(&config, dir)?;
         let mut checkpoint = Checkpoint::open(dir)?;
         if let Some(progress) = progress {
             checkpoint = checkpoint.with_progress(progress);
         }
-        let model = InternVlChat::new(config, checkpoint, image_context_id, dtype, device)?;
-        Ok(Self {
-            model: Arc::new(model),
-            tokenizer: Arc::new(tokenizer),
-            template,
-            preprocess,
-        })
+        let model = InternVlChat::new(config, checkpoint, front.image_context_id, dtype, device)?;
+        Ok(front.with_model(model))
+    }
+
+    /// The model `config_file` (a `config.json`) describes, with random weights drawn from
+    /// `seed` instead of a checkpoint's, and the tokenizer of `tokenizer_dir`: for benchmarks
+    /// where the real weights cannot be had. Also returns how many parameters were made.
+    pub fn load_random(
+        config_file: &Path,
+        tokenizer_dir: &Path,
+        device: &Device,
+        dtype: Option<DType>,
+        seed: u64,
+    ) -> Result<(Self, ParamCount), LoadError> {
+        let dtype = compute_dtype(device, dtype)?;
+        let config = InternVlConfig::from_file(config_file)?;
+        let front = FrontEnd::new(&config, tokenizer_dir)?;
+        let (model, params) = random_model(config, front.image_context_id, dtype, device, seed)?;
+        Ok((front.with_model(model), params))
     }
 
     /// Renders and tokenizes a conversation.
@@ -137,6 +129,64 @@ impl LoadedModel {
     pub fn pixel_tensor(&self, images: &[PixelValues]) -> candle_core::Result<Tensor> {
         let images: Vec<&PixelValues> = images.iter().collect();
         pixel_batch(&images, self.model.device())
+    }
+}
+
+/// `dtype`, or the device's default, where the device can compute in it.
+fn compute_dtype(device: &Device, dtype: Option<DType>) -> Result<DType, LoadError> {
+    let dtype = dtype.unwrap_or_else(|| default_dtype(device));
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err(LoadError::Bf16OnCpu);
+    }
+    Ok(dtype)
+}
+
+/// Everything a chat needs besides the weights: the tokenizer, checked against the model's
+/// vocabulary, the prompt template and the image preprocessing.
+struct FrontEnd {
+    tokenizer: Tokenizer,
+    image_context_id: u32,
+    template: PromptTemplate,
+    preprocess: PreprocessConfig,
+}
+
+impl FrontEnd {
+    fn new(config: &InternVlConfig, tokenizer_dir: &Path) -> Result<Self, LoadError> {
+        let tokenizer = Tokenizer::from_dir(tokenizer_dir)?;
+        let image_context_id = tokenizer
+            .token_to_id(IMG_CONTEXT)
+            .ok_or(LoadError::MissingToken(IMG_CONTEXT))?;
+        // Smaller is fine: the rows past the tokenizer's ids are simply never looked up.
+        if tokenizer.vocab_size() > config.llm.vocab_size {
+            return Err(LoadError::VocabMismatch {
+                tokenizer: tokenizer.vocab_size(),
+                model: config.llm.vocab_size,
+            });
+        }
+        let template = PromptTemplate::new(
+            &config.template,
+            config.system_message.clone(),
+            config.num_image_tokens(),
+        )?;
+        let preprocess = PreprocessConfig {
+            image_size: config.image_size as u32,
+            ..PreprocessConfig::default()
+        };
+        Ok(Self {
+            tokenizer,
+            image_context_id,
+            template,
+            preprocess,
+        })
+    }
+
+    fn with_model(self, model: InternVlChat) -> LoadedModel {
+        LoadedModel {
+            model: Arc::new(model),
+            tokenizer: Arc::new(self.tokenizer),
+            template: self.template,
+            preprocess: self.preprocess,
+        }
     }
 }
 

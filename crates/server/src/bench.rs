@@ -6,11 +6,11 @@
 use anyhow::{bail, Context};
 use internvl_model::preprocess::preprocess;
 use internvl_model::prompt::{ChatMessage, Part, Role};
-use internvl_model::LoadedModel;
 use internvl_scheduler::{
     Engine, EngineConfig, Event, ImageInput, Request, SamplingParams, StopParams,
 };
 use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
+use internvl_server::loading::load_model;
 use internvl_server::runner::{CandleRunner, TokenizerDecoder};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
@@ -22,9 +22,14 @@ const QUESTION: &str = "Please describe this picture in detail: the objects, the
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Checkpoint directory; the bundled demo checkpoint when omitted.
+    /// Checkpoint directory; the bundled demo checkpoint when omitted. With --random-weights,
+    /// only its tokenizer is used.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Random weights for the model this config.json (InternVLChatConfig format) describes,
+    /// e.g. config/models/internvl-chat-chinese-v1.1.json, instead of a checkpoint's.
+    #[arg(long, value_name = "CONFIG_JSON")]
+    random_weights: Option<PathBuf>,
     /// Images, used in turn by the chats; the repository's fixture images when omitted.
     #[arg(long)]
     image: Vec<PathBuf>,
@@ -51,8 +56,13 @@ pub struct BenchArgs {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let dir = args.model.clone().unwrap_or_else(demo_model_dir);
-    let loaded = LoadedModel::load(&dir, &device, parse_dtype(&args.dtype)?)
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let loaded = load_model(
+        &dir,
+        args.random_weights.as_deref(),
+        &device,
+        parse_dtype(&args.dtype)?,
+        None,
+    )?;
     let image_files = if args.image.is_empty() {
         default_images()?
     } else {

@@ -5,9 +5,9 @@
 use anyhow::{bail, Context};
 use internvl_model::preprocess::preprocess;
 use internvl_model::prompt::{ChatMessage, Part, Role};
-use internvl_model::LoadedModel;
 use internvl_scheduler::{Engine, EngineConfig, Event, SamplingParams, StopParams};
 use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
+use internvl_server::loading::load_model;
 use internvl_server::runner::{image_inputs, CandleRunner, TokenizerDecoder};
 use std::io::Write;
 use std::path::PathBuf;
@@ -19,8 +19,13 @@ const BLOCK_SIZE: usize = 16;
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// Checkpoint directory; the bundled demo checkpoint (random weights) when omitted.
+    /// With --random-weights, only its tokenizer is used.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Random weights for the model this config.json (InternVLChatConfig format) describes,
+    /// e.g. config/models/internvl-chat-chinese-v1.1.json, instead of a checkpoint's.
+    #[arg(long, value_name = "CONFIG_JSON")]
+    random_weights: Option<PathBuf>,
     /// Image file (PNG, JPEG, WebP, GIF, BMP); may be repeated, or omitted for text only.
     #[arg(long)]
     image: Vec<PathBuf>,
@@ -52,6 +57,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     let dir = match &args.model {
         Some(dir) => dir.clone(),
+        None if args.random_weights.is_some() => demo_model_dir(),
         None => {
             eprintln!(
                 "note: no --model given, using the bundled demo checkpoint {} \
@@ -63,8 +69,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
 
     let start = Instant::now();
-    let loaded = LoadedModel::load(&dir, &device, dtype)
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let loaded = load_model(&dir, args.random_weights.as_deref(), &device, dtype, None)?;
     let load_time = start.elapsed();
 
     let start = Instant::now();

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod device;
 pub mod images;
+pub mod loading;
 pub mod metrics;
 pub mod runner;
 pub mod serve;

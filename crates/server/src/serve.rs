@@ -3,13 +3,14 @@
 use crate::api::routes::router;
 use crate::device::{parse_device, parse_dtype};
 use crate::images::{ImageFetchConfig, ImageFetcher};
+use crate::loading::load_model;
 use crate::runner::{CandleRunner, TokenizerDecoder};
 use crate::settings::{KvCacheMemory, Settings};
 use crate::state::{AppState, Limits, Ready};
 use anyhow::{bail, Context};
 use internvl_model::preprocess::DecodeLimits;
 use internvl_model::weights::{LoadProgress, ProgressFn};
-use internvl_model::{LoadedModel, PagedKvCache};
+use internvl_model::PagedKvCache;
 use internvl_scheduler::{Engine, EngineConfig};
 use std::future::Future;
 use std::io::IsTerminal;
@@ -46,7 +47,7 @@ pub fn app_state(settings: &Settings) -> anyhow::Result<Arc<AppState>> {
 pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
     let device = parse_device(&settings.device)?;
     let dtype = parse_dtype(&settings.dtype)?;
-    if settings.using_demo {
+    if settings.using_demo && settings.random_weights.is_none() {
         tracing::warn!(
             model = %settings.model.display(),
             "no --model given: serving the bundled demo checkpoint (random weights, meaningless answers)"
@@ -54,9 +55,13 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
     }
     let started = Instant::now();
     tracing::info!(model = %settings.model.display(), "loading");
-    let mut loaded =
-        LoadedModel::load_with_progress(&settings.model, &device, dtype, Some(load_progress()))
-            .with_context(|| format!("loading {}", settings.model.display()))?;
+    let mut loaded = load_model(
+        &settings.model,
+        settings.random_weights.as_deref(),
+        &device,
+        dtype,
+        Some(load_progress()),
+    )?;
     if std::io::stderr().is_terminal() {
         eprintln!();
     }

@@ -38,8 +38,12 @@ macro_rules! settings {
 }
 
 settings! {
-    /// Checkpoint directory [default: the bundled demo checkpoint].
+    /// Checkpoint directory; with random_weights, only its tokenizer is used [default: the
+    /// bundled demo checkpoint].
     model: PathBuf, env = "INTERNVL_MODEL";
+    /// Random weights for the model this config.json (InternVLChatConfig format) describes,
+    /// instead of a checkpoint's: for benchmarks without the real weights [default: none].
+    random_weights: PathBuf, env = "INTERNVL_RANDOM_WEIGHTS";
     /// Model name clients send and see [default: the checkpoint directory's name].
     served_model_name: String, env = "INTERNVL_SERVED_MODEL_NAME";
     /// Address to listen on [default: 127.0.0.1].
@@ -94,6 +98,8 @@ settings! {
 pub struct Settings {
     pub model: PathBuf,
     pub using_demo: bool,
+    /// The config file whose model is built with random weights instead of loaded.
+    pub random_weights: Option<PathBuf>,
     pub served_model_name: String,
     pub host: String,
     pub port: u16,
@@ -131,9 +137,13 @@ impl Settings {
         let a = args.or(file);
         let using_demo = a.model.is_none();
         let model = a.model.unwrap_or(demo_dir);
-        let served_model_name = match a.served_model_name {
-            Some(name) => name,
-            None => model
+        let served_model_name = match (a.served_model_name, &a.random_weights) {
+            (Some(name), _) => name,
+            (None, Some(config)) => config
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "internvl".into()),
+            (None, None) => model
                 .canonicalize()
                 .unwrap_or(model.clone())
                 .file_name()
@@ -147,6 +157,7 @@ impl Settings {
         let settings = Settings {
             model,
             using_demo,
+            random_weights: a.random_weights,
             served_model_name,
             host: a.host.unwrap_or_else(|| "127.0.0.1".into()),
             port: a.port.unwrap_or(8000),
@@ -287,6 +298,23 @@ mod tests {
             Settings::resolve(cli.args, PathBuf::new()).unwrap_err()
         );
         assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn random_weights_from_flag_or_file() {
+        let cli = Cli::parse_from(["x", "--random-weights", "config/models/big.json"]);
+        let s = Settings::resolve(cli.args, PathBuf::from("/models/demo")).unwrap();
+        assert_eq!(
+            s.random_weights,
+            Some(PathBuf::from("config/models/big.json"))
+        );
+        assert_eq!(s.model, PathBuf::from("/models/demo"));
+        assert_eq!(s.served_model_name, "big");
+        let args: ServeArgs = toml::from_str("random_weights = \"a/b.json\"").unwrap();
+        let s = Settings::resolve(args, PathBuf::new()).unwrap();
+        assert_eq!(s.random_weights, Some(PathBuf::from("a/b.json")));
+        let s = Settings::resolve(ServeArgs::default(), PathBuf::new()).unwrap();
+        assert_eq!(s.random_weights, None);
     }
 
     #[test]

@@ -478,3 +478,27 @@ async fn a_non_streamed_request_is_cancelled_when_the_client_leaves() {
     }
     panic!("the abandoned request was not aborted");
 }
+
+#[tokio::test]
+async fn random_weights_serve_the_configured_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiny-internvl.json");
+    std::fs::copy(root().join("models/demo-internvl/config.json"), &config).unwrap();
+    let s = Server::start(|a| a.random_weights = Some(config.clone())).await;
+    let (status, body) = s
+        .post(
+            "/v1/chat/completions",
+            chat(json!({"model": "tiny-internvl", "max_tokens": 4, "ignore_eos": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["prompt_tokens"], PROMPT_TOKENS);
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+
+    let missing = dir.path().join("missing.json");
+    let s = Server::start(|a| a.random_weights = Some(missing.clone())).await;
+    let (status, body) = s.get("/health").await;
+    assert_eq!(status, 503);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&*missing.to_string_lossy()), "{message}");
+}
