@@ -48,7 +48,7 @@ pins=(
 
 log() { printf '\n== %s (%ds)\n' "$*" "$((SECONDS - start))"; }
 
-for tool in python3 gcc xz readelf cargo; do
+for tool in python3 gcc xz readelf strip cargo; do
     command -v "$tool" >/dev/null 2>&1 || { echo "error: '$tool' not found" >&2; exit 1; }
 done
 
@@ -177,6 +177,8 @@ cargo build --release -p internvl-server --features cuda --target-dir "$target_d
 bin_src="$target_dir/release/internvl"
 out="$target_dir/internvl-cuda-sm$cap"
 cp -f "$bin_src" "$out"
+# The release profile keeps line tables for profiling; the carried binary does without them.
+strip --strip-debug "$out"
 log "compressing with xz -9e"
 xz -9e -T1 -c "$out" >"$out.xz"
 human() { numfmt --to=iec-i --suffix=B "$1" 2>/dev/null || echo "$1 B"; }

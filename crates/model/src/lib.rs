@@ -5,11 +5,16 @@
 //! Knows nothing of HTTP or scheduling.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_kernels;
+#[cfg(feature = "cuda")]
+pub mod kernel_check;
 pub mod kv_cache;
 pub mod llama;
 pub mod loader;
 pub mod model;
 pub mod paged_attention;
+pub mod paged_plan;
 pub mod preprocess;
 pub mod projector;
 pub mod prompt;

@@ -40,11 +40,11 @@ impl Rotary {
         })
     }
 
-    /// Rotates `xs` [1, heads, tokens, head_dim] by each token's own position.
+    /// Rotates `xs` [1, tokens, heads, head_dim] by each token's own position.
     fn apply(&self, xs: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let cos = self.cos.index_select(positions, 0)?;
         let sin = self.sin.index_select(positions, 0)?;
-        candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin)
+        candle_nn::rotary_emb::rope_thd(&xs.contiguous()?, &cos, &sin)
     }
 }
 
@@ -68,6 +68,52 @@ struct BatchPlan<'a> {
     write_slots: Tensor,
     /// Per sequence: cache slots of positions `0..start + len`, read by attention.
     read_slots: Vec<Vec<u32>>,
+    #[cfg(feature = "cuda")]
+    block_size: usize,
+    /// What the CUDA kernels need, uploaded once for all layers; `None` off CUDA.
+    #[cfg(feature = "cuda")]
+    cuda: Option<CudaPlan>,
+}
+
+/// The device-side part of a [`BatchPlan`] on CUDA.
+#[cfg(feature = "cuda")]
+struct CudaPlan {
+    /// Short runs for the paged kernel; `None` where it cannot take this batch.
+    paged: Option<crate::cuda_kernels::DevicePagedQueries>,
+    /// Per sequence, the slots of its context where it is gathered (the runs the paged
+    /// kernel does not take).
+    gather_slots: Vec<Option<Tensor>>,
+}
+
+#[cfg(feature = "cuda")]
+impl CudaPlan {
+    fn new(
+        slices: &[SequenceSlice],
+        read_slots: &[Vec<u32>],
+        dtype: DType,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        use crate::cuda_kernels::{paged_supported, DevicePagedQueries};
+        let queries = crate::paged_plan::PagedQueries::new(slices, IN_PLACE_MAX_QUERIES);
+        let paged = (!queries.is_empty() && paged_supported(dtype, head_dim, queries.max_context))
+            .then(|| DevicePagedQueries::new(&queries, device))
+            .transpose()?;
+        let gather_slots = slices
+            .iter()
+            .zip(read_slots)
+            .map(|(slice, slots)| {
+                let in_paged = paged.is_some() && slice.len <= IN_PLACE_MAX_QUERIES;
+                (!in_paged)
+                    .then(|| Tensor::new(slots.as_slice(), device))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            paged,
+            gather_slots,
+        })
+    }
 }
 
 impl Attention {
@@ -94,12 +140,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let t = xs.dim(0)?;
         let hd = self.head_dim;
-        let to_heads = |x: Tensor, heads: usize| x.reshape((1, t, heads, hd))?.transpose(1, 2);
-        let q = to_heads(self.q_proj.forward(xs)?, self.num_heads)?;
-        let k = to_heads(self.k_proj.forward(xs)?, self.num_kv_heads)?;
-        let q = rotary.apply(&q, &plan.positions)?;
-        let k = rotary.apply(&k, &plan.positions)?;
-        let k = k.squeeze(0)?.transpose(0, 1)?.contiguous()?; // [t, kv_heads, hd]
+        let q = self
+            .q_proj
+            .forward(xs)?
+            .reshape((1, t, self.num_heads, hd))?;
+        let k = self
+            .k_proj
+            .forward(xs)?
+            .reshape((1, t, self.num_kv_heads, hd))?;
+        let q = rotary.apply(&q, &plan.positions)?.squeeze(0)?; // [t, heads, hd]
+        let k = rotary.apply(&k, &plan.positions)?.squeeze(0)?; // [t, kv_heads, hd]
         let v = self
             .v_proj
             .forward(xs)?
@@ -113,8 +163,12 @@ impl Attention {
         k_cache.scatter_set(&index, &k, 0)?;
         v_cache.scatter_set(&index, &v.contiguous()?, 0)?;
 
-        let q = q.squeeze(0)?; // [heads, t, hd]
-        let groups = self.num_heads / self.num_kv_heads;
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = &plan.cuda {
+            let out = self.attend_cuda(&q, plan, cuda, cache)?;
+            return self.o_proj.forward(&out.reshape((t, self.num_heads * hd))?);
+        }
+        let q = q.transpose(0, 1)?; // [heads, t, hd]
         let scale = (hd as f64).powf(-0.5);
         let mut outputs = Vec::with_capacity(plan.slices.len());
         let mut offset = 0;
@@ -130,29 +184,81 @@ impl Attention {
                     continue;
                 }
             }
-            let ctx = slice.start + slice.len;
             let slots = Tensor::new(slots.as_slice(), q.device())?;
-            let gather = |cache: &Tensor| -> Result<Tensor> {
-                let x = cache.index_select(&slots, 0)?.transpose(0, 1)?; // [kv_heads, ctx, hd]
-                let x = x
-                    .unsqueeze(1)?
-                    .broadcast_as((self.num_kv_heads, groups, ctx, hd))?
-                    .reshape((self.num_heads, ctx, hd))?;
-                x.contiguous()
-            };
-            let (k, v) = (gather(k_cache)?, gather(v_cache)?);
-            let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-            let scores = match causal_mask(slice, q.device())? {
-                Some(mask) => scores.broadcast_add(&mask)?,
-                None => scores,
-            };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-            outputs.push(probs.matmul(&v)?); // [heads, len, hd]
+            outputs.push(self.attend_gathered(&q, slice, &slots, cache)?);
         }
         let out = Tensor::cat(&outputs, 1)?
             .transpose(0, 1)?
             .reshape((t, self.num_heads * hd))?;
         self.o_proj.forward(&out)
+    }
+
+    /// Attention of `q` [heads, len, hd] (the new tokens of `slice`) over its context gathered
+    /// from the cache at `slots`, with matmuls; returns [heads, len, hd].
+    fn attend_gathered(
+        &self,
+        q: &Tensor,
+        slice: &SequenceSlice,
+        slots: &Tensor,
+        cache: (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let (ctx, hd) = (slice.start + slice.len, self.head_dim);
+        let groups = self.num_heads / self.num_kv_heads;
+        let gather = |cache: &Tensor| -> Result<Tensor> {
+            let x = cache.index_select(slots, 0)?.transpose(0, 1)?; // [kv_heads, ctx, hd]
+            let x = x
+                .unsqueeze(1)?
+                .broadcast_as((self.num_kv_heads, groups, ctx, hd))?
+                .reshape((self.num_heads, ctx, hd))?;
+            x.contiguous()
+        };
+        let (k, v) = (gather(cache.0)?, gather(cache.1)?);
+        let scale = (hd as f64).powf(-0.5);
+        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = match causal_mask(slice, q.device())? {
+            Some(mask) => scores.broadcast_add(&mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        probs.matmul(&v) // [heads, len, hd]
+    }
+
+    /// CUDA attention of the packed `q` [t, heads, hd]: one paged-kernel launch for every short
+    /// run, flash attention over the gathered context for each long one (matmuls where the
+    /// flash kernel does not apply, e.g. f32). Returns [t, heads, hd].
+    #[cfg(feature = "cuda")]
+    fn attend_cuda(
+        &self,
+        q: &Tensor,
+        plan: &BatchPlan,
+        cuda: &CudaPlan,
+        cache: (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        use crate::cuda_kernels::{flash_attention_into, flash_supported, paged_attention_into};
+        let hd = self.head_dim;
+        let out = Tensor::zeros(q.shape(), q.dtype(), q.device())?;
+        if let Some(paged) = &cuda.paged {
+            let block_size = plan.block_size;
+            let scale = (hd as f32).powf(-0.5);
+            paged_attention_into(&out, q, cache.0, cache.1, paged, block_size, scale)?;
+        }
+        let mut offset = 0;
+        for (slice, slots) in plan.slices.iter().zip(&cuda.gather_slots) {
+            let rows = offset;
+            offset += slice.len;
+            let Some(slots) = slots else { continue };
+            let q = q.narrow(0, rows, slice.len)?;
+            if flash_supported(q.dtype(), hd) {
+                let k = cache.0.index_select(slots, 0)?.unsqueeze(0)?;
+                let v = cache.1.index_select(slots, 0)?.unsqueeze(0)?;
+                let target = out.narrow(0, rows, slice.len)?.unsqueeze(0)?;
+                flash_attention_into(&target, &q.unsqueeze(0)?, &k, &v, true)?;
+            } else {
+                let o = self.attend_gathered(&q.transpose(0, 1)?, slice, slots, cache)?;
+                out.slice_set(&o.transpose(0, 1)?.contiguous()?, 0, rows)?;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -246,6 +352,8 @@ pub struct Llama {
     rotary: Rotary,
     max_positions: usize,
     vocab_size: usize,
+    #[cfg(feature = "cuda")]
+    head_dim: usize,
 }
 
 impl Llama {
@@ -262,6 +370,8 @@ impl Llama {
             rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
             max_positions: cfg.max_position_embeddings,
             vocab_size: cfg.vocab_size,
+            #[cfg(feature = "cuda")]
+            head_dim: cfg.head_dim(),
         })
     }
 
@@ -280,7 +390,7 @@ impl Llama {
         cache: &mut PagedKvCache,
     ) -> Result<Tensor> {
         let device = embeddings.device();
-        let plan = self.plan(embeddings.dim(0)?, slices, cache, device)?;
+        let plan = self.plan(embeddings, slices, cache)?;
         let mut xs = embeddings.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             xs = layer.forward(&xs, &self.rotary, &plan, cache.layer(i))?;
@@ -303,11 +413,11 @@ impl Llama {
 
     fn plan<'a>(
         &self,
-        tokens: usize,
+        embeddings: &Tensor,
         slices: &'a [SequenceSlice],
         cache: &PagedKvCache,
-        device: &Device,
     ) -> Result<BatchPlan<'a>> {
+        let (tokens, device) = (embeddings.dim(0)?, embeddings.device());
         let packed: usize = slices.iter().map(|s| s.len).sum();
         if packed != tokens || slices.iter().any(|s| s.len == 0) {
             candle_core::bail!("batch slices cover {packed} tokens, embeddings have {tokens}");
@@ -339,7 +449,17 @@ impl Llama {
             slices,
             positions: Tensor::new(positions, device)?,
             write_slots: Tensor::new(write_slots, device)?,
+            #[cfg(feature = "cuda")]
+            cuda: device
+                .is_cuda()
+                .then(|| {
+                    let dtype = embeddings.dtype();
+                    CudaPlan::new(slices, &read_slots, dtype, self.head_dim, device)
+                })
+                .transpose()?,
             read_slots,
+            #[cfg(feature = "cuda")]
+            block_size: cache.block_size(),
         })
     }
 }

@@ -118,6 +118,13 @@ impl VisionAttention {
             q = qn.forward(&q.contiguous()?)?;
             k = kn.forward(&k.contiguous()?)?;
         }
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() && crate::cuda_kernels::flash_supported(q.dtype(), self.head_dim) {
+            let heads = |t: &Tensor| t.reshape((b, n, self.num_heads, self.head_dim));
+            let out =
+                crate::cuda_kernels::flash_attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, false)?;
+            return self.proj.forward(&out.reshape((b, n, c))?);
+        }
         let heads = |t: Tensor| {
             t.reshape((b, n, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?

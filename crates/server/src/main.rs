@@ -1,6 +1,7 @@
 //! `internvl`: serve InternVL-Chat V1.1, or run it once from the command line.
 
 mod bench;
+mod check_kernels;
 mod generate;
 
 use internvl_server::device;
@@ -28,6 +29,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Measure throughput and time to first token of concurrent image chats.
     Bench(bench::BenchArgs),
+    /// Check the CUDA kernels against CPU references on this GPU, and time them.
+    CheckKernels(check_kernels::CheckKernelsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +42,10 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => {
             init_logging(false, "warn");
             bench::run(args)
+        }
+        Command::CheckKernels(args) => {
+            init_logging(false, "warn");
+            check_kernels::run(args)
         }
         Command::Serve(args) => {
             let settings = Settings::resolve(*args, device::demo_model_dir())?;
