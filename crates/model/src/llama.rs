@@ -40,11 +40,12 @@ impl Rotary {
         })
     }
 
-    /// Rotates `xs` [1, tokens, heads, head_dim] by each token's own position.
-    fn apply(&self, xs: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let cos = self.cos.index_select(positions, 0)?;
-        let sin = self.sin.index_select(positions, 0)?;
-        candle_nn::rotary_emb::rope_thd(&xs.contiguous()?, &cos, &sin)
+    /// cos and sin [tokens, head_dim / 2] at each token's position.
+    fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
     }
 }
 
@@ -62,10 +63,11 @@ struct Attention {
 /// Positions, cache slots and layout of one batch, shared by every layer.
 struct BatchPlan<'a> {
     slices: &'a [SequenceSlice],
-    /// Position of every packed token.
-    positions: Tensor,
-    /// Cache slot every packed token is written to.
-    write_slots: Tensor,
+    /// Rotary cos and sin at every packed token's position.
+    rope: (Tensor, Tensor),
+    /// Cache slot every packed token is written to, broadcast to [tokens, kv_heads, head_dim]
+    /// as `scatter_set` wants it.
+    write_index: Tensor,
     /// Per sequence: cache slots of positions `0..start + len`, read by attention.
     read_slots: Vec<Vec<u32>>,
     #[cfg(feature = "cuda")]
@@ -131,13 +133,7 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        xs: &Tensor,
-        rotary: &Rotary,
-        plan: &BatchPlan,
-        cache: (&Tensor, &Tensor),
-    ) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, plan: &BatchPlan, cache: (&Tensor, &Tensor)) -> Result<Tensor> {
         let t = xs.dim(0)?;
         let hd = self.head_dim;
         let q = self
@@ -148,20 +144,17 @@ impl Attention {
             .k_proj
             .forward(xs)?
             .reshape((1, t, self.num_kv_heads, hd))?;
-        let q = rotary.apply(&q, &plan.positions)?.squeeze(0)?; // [t, heads, hd]
-        let k = rotary.apply(&k, &plan.positions)?.squeeze(0)?; // [t, kv_heads, hd]
+        let (cos, sin) = &plan.rope;
+        let rotate = |x: &Tensor| candle_nn::rotary_emb::rope_thd(x, cos, sin)?.squeeze(0);
+        let q = rotate(&q)?; // [t, heads, hd]
+        let k = rotate(&k)?; // [t, kv_heads, hd]
         let v = self
             .v_proj
             .forward(xs)?
             .reshape((t, self.num_kv_heads, hd))?;
         let (k_cache, v_cache) = cache;
-        let index = plan
-            .write_slots
-            .reshape((t, 1, 1))?
-            .broadcast_as((t, self.num_kv_heads, hd))?
-            .contiguous()?;
-        k_cache.scatter_set(&index, &k, 0)?;
-        v_cache.scatter_set(&index, &v.contiguous()?, 0)?;
+        k_cache.scatter_set(&plan.write_index, &k, 0)?;
+        v_cache.scatter_set(&plan.write_index, &v, 0)?;
 
         #[cfg(feature = "cuda")]
         if let Some(cuda) = &plan.cuda {
@@ -324,16 +317,10 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
-        &self,
-        xs: &Tensor,
-        rotary: &Rotary,
-        plan: &BatchPlan,
-        cache: (&Tensor, &Tensor),
-    ) -> Result<Tensor> {
-        let attn =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(xs)?, rotary, plan, cache)?;
+    fn forward(&self, xs: &Tensor, plan: &BatchPlan, cache: (&Tensor, &Tensor)) -> Result<Tensor> {
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(xs)?, plan, cache)?;
         let xs = (xs + attn)?;
         let mlp = self
             .mlp
@@ -352,7 +339,7 @@ pub struct Llama {
     rotary: Rotary,
     max_positions: usize,
     vocab_size: usize,
-    #[cfg(feature = "cuda")]
+    num_kv_heads: usize,
     head_dim: usize,
 }
 
@@ -370,7 +357,7 @@ impl Llama {
             rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
             max_positions: cfg.max_position_embeddings,
             vocab_size: cfg.vocab_size,
-            #[cfg(feature = "cuda")]
+            num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim(),
         })
     }
@@ -393,7 +380,7 @@ impl Llama {
         let plan = self.plan(embeddings, slices, cache)?;
         let mut xs = embeddings.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, &self.rotary, &plan, cache.layer(i))?;
+            xs = layer.forward(&xs, &plan, cache.layer(i))?;
         }
         let mut last = Vec::new();
         let mut end = 0;
@@ -447,8 +434,11 @@ impl Llama {
         }
         Ok(BatchPlan {
             slices,
-            positions: Tensor::new(positions, device)?,
-            write_slots: Tensor::new(write_slots, device)?,
+            rope: self.rotary.at(&Tensor::new(positions, device)?)?,
+            write_index: Tensor::new(write_slots, device)?
+                .reshape((tokens, 1, 1))?
+                .broadcast_as((tokens, self.num_kv_heads, self.head_dim))?
+                .contiguous()?,
             #[cfg(feature = "cuda")]
             cuda: device
                 .is_cuda()
