@@ -24,8 +24,9 @@ const FLASH_THREADS: u32 = 128;
 const FLASH_QUERIES: usize = 32;
 const FLASH_MAX_HEAD_DIM: usize = 128;
 /// The paged kernel keeps one f32 score per context position in dynamic shared memory, next
-/// to ~5 KiB of static shared memory, within the 48 KiB a launch gets without opting in.
-const PAGED_MAX_CONTEXT: usize = (43 * 1024) / 4;
+/// to its 5 KiB of static shared memory (ptxas: 5136 bytes), within the 48 KiB a launch gets
+/// without opting in.
+const PAGED_MAX_CONTEXT: usize = (42 * 1024) / 4;
 
 /// Whether the paged kernel handles this shape (otherwise: gather + matmul).
 pub fn paged_supported(dtype: DType, head_dim: usize, max_context: usize) -> bool {

@@ -118,10 +118,20 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
     })
 }
 
-/// Memory the KV cache could take now: the system's available memory on CPU.
+/// Memory the KV cache could take now (the weights already loaded): the GPU's free memory on
+/// CUDA, the system's available memory on CPU.
 fn available_memory(device: &candle_core::Device) -> anyhow::Result<u64> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(cuda) = device {
+        let (free, _total) = cuda
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .map_err(|e| anyhow::anyhow!("asking the GPU for its free memory: {e:?}"))?;
+        return Ok(free as u64);
+    }
     if !device.is_cpu() {
-        bail!("kv_cache_memory as a fraction is supported on CPU only for now: give bytes, e.g. 30GiB");
+        bail!("kv_cache_memory as a fraction needs a CPU or CUDA device: give bytes, e.g. 30GiB");
     }
     let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
     meminfo

@@ -60,8 +60,8 @@ settings! {
     max_num_batched_tokens: usize, env = "INTERNVL_MAX_NUM_BATCHED_TOKENS";
     /// Most tokens (prompt + completion) of one sequence [default: the model's].
     max_model_len: usize, env = "INTERNVL_MAX_MODEL_LEN";
-    /// KV-cache memory: bytes (suffixes KB, MB, GB, KiB, MiB, GiB) or a fraction of the
-    /// available memory such as 0.5 [default: 1GiB on CPU, 30GiB on CUDA].
+    /// KV-cache memory: bytes (suffixes KB, MB, GB, KiB, MiB, GiB) or a fraction such as 0.9
+    /// of the memory free after loading the weights [default: 1GiB on CPU, 30GiB on CUDA].
     kv_cache_memory: String, env = "INTERNVL_KV_CACHE_MEMORY";
     /// Tokens per KV-cache block [default: 16].
     block_size: usize, env = "INTERNVL_BLOCK_SIZE";
