@@ -1,22 +1,113 @@
 #!/usr/bin/env bash
-# The GPU check, for a GPU host with no network and no Rust: run it from the repository root
-# with the CUDA binary built here by scripts/build-cuda.sh carried along
-# (target/cuda/internvl-cuda-sm90.xz, under the 64 MiB carry limit). It prints:
-#   1. the GPU, the driver and whether every library the binary needs resolves;
-#   2. correctness: greedy answers of the demo checkpoint on CUDA (f32 and bf16) against the
-#      same binary on the CPU, which the tests hold equal to the independent reference;
-#   3. the engine benchmark on CUDA (concurrent image chats on the demo checkpoint).
-# GPU_CHECK_DEVICE=cpu runs every step on the CPU (to try the script on a machine without GPU).
+# The GPU check, for a GPU host with no network and no Rust (CUDA driver, nvidia-smi, python3
+# with PyPI torch + transformers): run it from the repository root with the CUDA binary built
+# by scripts/build-cuda.sh carried along (target/cuda/internvl-cuda-sm90.xz fits the 64 MiB
+# carry limit). Designed to finish in under 10 minutes; every step runs under `timeout`, a
+# failed step is reported and the next one runs, and a summary comes last:
+#   1. machine: the binary's version, the GPU, the driver, the libraries the binary links;
+#   2. correctness: greedy answers of the demo checkpoint (models/demo-internvl) on the device,
+#      f32 and bf16, against the independent reference's (transformers, f32) recorded in
+#      tests/fixtures/reference/model_cases.json: f32 must equal it, bf16 is reported (its
+#      rounding may move a greedy step); then `internvl check-kernels` (the CUDA kernels against
+#      CPU references, with their tolerances) where the binary has it;
+#   3. internvl bench on the full-size model with random weights (--random-weights CONFIG):
+#      decode tok/s at 1, 8, 32, 64 concurrent chats, time to first token of one image + 64
+#      text tokens, ViT ms per image at batch 1 and 8, peak GPU memory;
+#   4. the same with transformers' InternVL (scripts/bench/transformers_gpu_bench.py: random
+#      init, same config, bf16, SDPA) in the same call;
+#   5. the table: each row ours vs transformers, the speed-up, and the issue's targets.
+#
+# Decode rows: each chat is one 448x448 image (256 visual tokens) + GPU_CHECK_DECODE_TEXT text
+# tokens (default 200; 256 + 200 = 456 prompt tokens) and GPU_CHECK_DECODE_TOKENS generated
+# tokens (default 256, EOS ignored): contexts run from 456 to 712, ~590 on average while all
+# chats decode. (64 text tokens + 512 generated tokens would give the same mean but need 42 GiB
+# of KV cache at 64 chats besides 36 GiB of weights: more than an 80 GB H100 holds, for either
+# engine, and twice the decode time.)
+#
+# Environment (all optional):
+#   GPU_CHECK_DEVICE    cuda (default) or cpu: cpu runs every step on the CPU in f32, to try the
+#                       script on a machine without GPU (with a small GPU_CHECK_CONFIG)
+#   GPU_CHECK_CONFIG    model config for the benchmarks (default
+#                       config/models/internvl-chat-chinese-v1.1.json)
+#   GPU_CHECK_TOKENIZER tokenizer directory (default models/demo-internvl)
+#   GPU_CHECK_OUT       where the JSON results and logs go (default /tmp/gpu-check; $OUT on
+#                       the device machine brings them back)
+#   GPU_CHECK_LEVELS (1,8,32,64)  GPU_CHECK_DECODE_TEXT (200)  GPU_CHECK_DECODE_TOKENS (256)
+#   GPU_CHECK_TTFT_TEXT (64)  GPU_CHECK_TTFT_RUNS (5)  GPU_CHECK_VIT_BATCH (1,8)
+#   GPU_CHECK_VIT_RUNS (5)  GPU_CHECK_BENCH_ARGS (extra `internvl bench` flags)
+#   GPU_CHECK_STEPS     steps to run (default "info correctness kernels ours transformers")
+#   GPU_CHECK_DEADLINE  seconds the whole script may take (default 570); each step's timeout is
+#                       cut to what is left
+#   INTERNVL_BIN        the binary (default target/cuda/internvl-cuda-sm${CUDA_COMPUTE_CAP:-90},
+#                       or its .xz)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
+root=$PWD
 cap="${CUDA_COMPUTE_CAP:-90}"
 device="${GPU_CHECK_DEVICE:-cuda}"
 bin="${INTERNVL_BIN:-target/cuda/internvl-cuda-sm$cap}"
+config="${GPU_CHECK_CONFIG:-config/models/internvl-chat-chinese-v1.1.json}"
+tokenizer="${GPU_CHECK_TOKENIZER:-models/demo-internvl}"
+out="${GPU_CHECK_OUT:-/tmp/gpu-check}"
+levels="${GPU_CHECK_LEVELS:-1,8,32,64}"
+decode_text="${GPU_CHECK_DECODE_TEXT:-200}"
+decode_tokens="${GPU_CHECK_DECODE_TOKENS:-256}"
+ttft_text="${GPU_CHECK_TTFT_TEXT:-64}"
+ttft_runs="${GPU_CHECK_TTFT_RUNS:-5}"
+vit_batch="${GPU_CHECK_VIT_BATCH:-1,8}"
+vit_runs="${GPU_CHECK_VIT_RUNS:-5}"
+steps=" ${GPU_CHECK_STEPS:-info correctness kernels ours transformers} "
+deadline="${GPU_CHECK_DEADLINE:-570}"
+read -r -a bench_extra <<<"${GPU_CHECK_BENCH_ARGS:-}"
+if [ "$device" = cpu ]; then
+    dtypes="f32" bench_dtype=f32 torch_dtype=float32
+else
+    dtypes="f32 bf16" bench_dtype=bf16 torch_dtype=bfloat16
+fi
+mkdir -p "$out"
+# The binary's built-in paths point into the build machine's checkout: use this one's.
+export INTERNVL_DEMO_MODEL="$root/models/demo-internvl"
+export NO_COLOR=1 # plain log lines in the kept logs
+images=(--image tests/fixtures/images/model-a.png --image tests/fixtures/images/model-b.png)
+
 failures=0
+summary=()
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+note() { summary+=("$(printf '%-44s %s' "$1" "$2")"); }
+# timeout for a step: its cap, cut to what is left of the deadline (0: no time left)
+budget() {
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 15 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+# run LABEL CAP_SECONDS LOG CMD...: the command under timeout, output shown and kept in LOG
+run() {
+    local label=$1 cap=$2 log=$3
+    shift 3
+    local t start rc
+    t=$(budget "$cap")
+    if [ "$t" -eq 0 ]; then
+        fail "$label: skipped, the ${deadline} s deadline is reached"
+        note "$label" "SKIPPED (deadline)"
+        return 1
+    fi
+    start=$SECONDS
+    timeout --kill-after=10 "$t" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+        note "$label" "ok ($((SECONDS - start)) s)"
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        fail "$label: timed out after $t s"
+        note "$label" "TIMEOUT after $t s"
+    else
+        fail "$label: exit status $rc"
+        note "$label" "FAILED (exit $rc, $((SECONDS - start)) s)"
+    fi
+    return "$rc"
+}
+want() { [[ "$steps" == *" $1 "* ]]; }
 
 if [ ! -x "$bin" ] && [ -f "$bin.xz" ]; then
-    xz -dkc "$bin.xz" > /tmp/internvl-gpu-check && chmod +x /tmp/internvl-gpu-check
+    xz -dkc "$bin.xz" >/tmp/internvl-gpu-check && chmod +x /tmp/internvl-gpu-check
     bin=/tmp/internvl-gpu-check
 fi
 [ -x "$bin" ] || { echo "no binary at $bin (run scripts/build-cuda.sh first)"; exit 2; }
@@ -28,37 +119,168 @@ for lib in "$nvidia_dir"/cu13/lib "$nvidia_dir"/*/lib; do
 done
 export LD_LIBRARY_PATH
 
-echo "== 1. machine"
-"$bin" --version
-if [ "$device" = cuda ]; then
-    nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv || fail "nvidia-smi"
-    if ldd "$bin" | grep "not found"; then fail "libraries missing"; fi
+if want info; then
+    echo "== 1. machine ($SECONDS s)"
+    "$bin" --version
+    python3 -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)' ||
+        echo "python3 has no torch/transformers: the transformers step will fail"
+    if [ "$device" = cuda ]; then
+        nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,memory.used --format=csv ||
+            fail "nvidia-smi"
+        if ldd "$bin" | grep "not found"; then fail "libraries missing"; fi
+    fi
 fi
 
-echo "== 2. correctness (demo checkpoint, greedy, 32 tokens)"
-answer() {
-    "$bin" generate --image tests/fixtures/images/model-a.png --prompt "请描述这张图片" \
-        --max-tokens 32 --ignore-eos "$@" 2>/tmp/gpu-check-timings.txt
-    local rc=$?
-    cat /tmp/gpu-check-timings.txt >&2
-    return $rc
-}
-reference=$(answer --device cpu --dtype f32) || fail "CPU run"
-dtypes="f32 bf16"
-[ "$device" = cpu ] && dtypes=f32   # candle's CPU matmul has no bf16
-for dtype in $dtypes; do
-    got=$(answer --device "$device" --dtype "$dtype") || { fail "$device $dtype run"; continue; }
-    if [ "$got" = "$reference" ]; then
-        echo "PASS: $device $dtype greedy answer equals the CPU f32 one"
-    elif [ "$dtype" = bf16 ]; then
-        echo "NOTE: $device bf16 greedy answer differs from CPU f32 (bf16 rounding): $got"
+if want correctness; then
+    echo "== 2. correctness: demo checkpoint on $device vs the reference's greedy answers ($SECONDS s)"
+    # case name, images, question: the single-message cases of the reference fixtures
+    cases=(
+        "text||Hello! 请用中文介绍一下你自己，并告诉我今天的天气怎么样？"
+        "one_image|model-a.png|请描述这张图片的内容。Describe the picture in detail."
+        "two_images|model-a.png model-b.png|What is different between these two pictures? 这两张图片有什么不同？"
+    )
+    for dtype in $dtypes; do
+        for case in "${cases[@]}"; do
+            IFS='|' read -r name files question <<<"$case"
+            args=()
+            for f in $files; do args+=(--image "tests/fixtures/images/$f"); done
+            expected=$(python3 -c 'import json, sys
+cases = json.load(open("tests/fixtures/reference/model_cases.json"))["cases"]
+print(next(c["greedy_text"] for c in cases if c["name"] == sys.argv[1]))' "$name")
+            log="$out/answer-$dtype-$name.txt"
+            t=$(budget 60)
+            [ "$t" -eq 0 ] && { fail "answer $dtype $name: deadline"; continue; }
+            got=$(timeout --kill-after=5 "$t" "$bin" generate --model models/demo-internvl "${args[@]}" \
+                --prompt "$question" --max-tokens 32 --ignore-eos --device "$device" --dtype "$dtype" 2>"$log")
+            rc=$?
+            sed 's/^/    /' "$log"
+            if [ "$rc" -ne 0 ]; then
+                fail "$device $dtype $name: exit status $rc"
+                note "answer $dtype $name" "FAILED (exit $rc)"
+            elif [ "$got" = "$expected" ]; then
+                echo "PASS: $device $dtype $name: greedy answer equals the reference"
+                note "answer $dtype $name" "PASS"
+            else
+                same=$(python3 -c 'import sys
+a, b = sys.argv[1], sys.argv[2]
+print(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))' "$got" "$expected")
+                if [ "$dtype" = f32 ]; then
+                    fail "$device f32 $name: answer differs from the reference after $same characters"
+                    note "answer $dtype $name" "FAIL (same for $same characters)"
+                else
+                    echo "NOTE: $device $dtype $name: same as the reference for $same of ${#expected} characters"
+                    note "answer $dtype $name" "NOTE: same for $same/${#expected} characters"
+                fi
+                echo "    expected: $expected"
+                echo "    got:      $got"
+            fi
+        done
+    done
+fi
+
+if want kernels; then
+    echo "== 2b. CUDA kernel self-test ($SECONDS s)"
+    if [ "$device" != cuda ]; then
+        echo "skipped on $device"
+    elif "$bin" check-kernels --help >/dev/null 2>&1; then
+        run "check-kernels" 120 "$out/check-kernels.log" "$bin" check-kernels
     else
-        fail "$device f32 answer differs: expected [$reference], got [$got]"
+        echo "this binary has no check-kernels subcommand"
+        note "check-kernels" "not in this binary"
     fi
-done
+fi
 
-echo "== 3. engine benchmark on $device (demo checkpoint)"
-"$bin" bench --device "$device" --concurrency 1,16,64 --max-tokens 128 || fail "bench"
+if want ours; then
+    echo "== 3. internvl bench, $config with random weights, $device $bench_dtype ($SECONDS s)"
+    if "$bin" bench --help 2>/dev/null | grep -q -- --random-weights; then
+        model_args=(--random-weights "$config" --model "$tokenizer")
+    else
+        echo "this binary has no --random-weights: benchmarking the checkpoint in $(dirname "$config")"
+        model_args=(--model "$(dirname "$config")")
+    fi
+    rm -f "$out/internvl.json"
+    run "internvl bench" 240 "$out/internvl-bench.log" "$bin" bench "${model_args[@]}" \
+        --device "$device" --dtype "$bench_dtype" "${images[@]}" \
+        --concurrency "$levels" --prompt-tokens "$decode_text" --max-tokens "$decode_tokens" \
+        --ttft-runs "$ttft_runs" --ttft-prompt-tokens "$ttft_text" \
+        --vit-batch "$vit_batch" --vit-runs "$vit_runs" --json "$out/internvl.json" "${bench_extra[@]}"
+fi
 
-echo "gpu-check: $failures failed"
+if want transformers; then
+    echo "== 4. transformers InternVL, same config, $device $torch_dtype, sdpa ($SECONDS s)"
+    rm -f "$out/transformers.json"
+    run "transformers bench" 240 "$out/transformers-bench.log" python3 scripts/bench/transformers_gpu_bench.py \
+        --config "$config" --tokenizer-dir "$tokenizer" --device "$device" --dtype "$torch_dtype" \
+        --concurrency "$levels" --prompt-tokens "$decode_text" --max-new-tokens "$decode_tokens" \
+        --ttft-runs "$ttft_runs" --ttft-prompt-tokens "$ttft_text" \
+        --vit-batch "$vit_batch" --vit-runs "$vit_runs" --json "$out/transformers.json"
+fi
+
+echo "== 5. summary ($SECONDS s)"
+printf '%s\n' "${summary[@]}"
+python3 - "$out/internvl.json" "$out/transformers.json" "$device" <<'EOF' | tee "$out/summary.md"
+import json, sys
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"(no results in {path}: {e})")
+        return {}
+
+ours, theirs, device = load(sys.argv[1]), load(sys.argv[2]), sys.argv[3]
+
+def level(report, c):
+    return next((l for l in report.get("levels") or [] if l.get("concurrency") == c), {})
+
+def vit(report, b):
+    return next((v for v in report.get("vit") or [] if v.get("batch") == b), {})
+
+rows = []  # (label, ours, theirs, higher_is_better, target text, target test)
+for c in sorted({l["concurrency"] for r in (ours, theirs) for l in r.get("levels") or []}):
+    target = {1: (">= 98", lambda v: v >= 98), 64: (">= 2000", lambda v: v >= 2000)}.get(c, ("", None))
+    a, b = level(ours, c), level(theirs, c)
+    rows.append((f"decode tok/s, concurrency {c} (mean context {a.get('decode_window_mean_context') or '?'})",
+                 a.get("decode_tok_s"), b.get("decode_tok_s"), True, *target))
+for c in sorted({l["concurrency"] for r in (ours, theirs) for l in r.get("levels") or []}):
+    a, b = level(ours, c), level(theirs, c)
+    rows.append((f"aggregate tok/s, concurrency {c}", a.get("aggregate_tok_s"), b.get("aggregate_tok_s"), True, "", None))
+t_ours, t_theirs = ours.get("ttft") or {}, theirs.get("ttft") or {}
+rows.append((f"TTFT ms, 1 image + {t_ours.get('text_tokens', t_theirs.get('text_tokens', '?'))} text tokens",
+             t_ours.get("p50_ms"), t_theirs.get("p50_ms"), False, "< 80", lambda v: v < 80))
+for bsz in sorted({v["batch"] for r in (ours, theirs) for v in r.get("vit") or []}):
+    rows.append((f"ViT ms per image, batch {bsz}", vit(ours, bsz).get("ms_per_image"),
+                 vit(theirs, bsz).get("ms_per_image"), False, "", None))
+mem = lambda r: (r.get("gpu_memory") or {}).get("peak_used_mib")
+rows.append(("peak GPU memory MiB (device used)", mem(ours), mem(theirs), None, "", None))
+
+def fmt(v):
+    return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
+
+print(f"\n{ours.get('engine', 'internvl')} vs transformers {theirs.get('transformers', '?')} "
+      f"(torch {theirs.get('torch', '?')}), {theirs.get('device_name') or device}, "
+      f"{ours.get('dtype', '?')} / {theirs.get('dtype', '?')}")
+print("| measurement | internvl | transformers | speed-up | >= 2x | target | met |")
+print("| --- | ---: | ---: | ---: | :---: | ---: | :---: |")
+for label, a, b, higher, target, test in rows:
+    speedup = None
+    if a and b and higher is not None:
+        speedup = a / b if higher else b / a
+    two = "-" if speedup is None else ("yes" if speedup >= 2 else "NO")
+    met = "-" if test is None or a is None else ("yes" if test(a) else "NO")
+    if device != "cuda" and test is not None:
+        met = f"({met}: not a GPU)"
+    print(f"| {label} | {fmt(a)} | {fmt(b)} | {'-' if speedup is None else f'{speedup:.2f}x'} | {two} "
+          f"| {target or '-'} | {met} |")
+print("speed-up: internvl / transformers for tok/s, transformers / internvl for times; "
+      "memory: no target (both include the CUDA context)")
+for r, name in ((ours, "internvl"), (theirs, "transformers")):
+    errors = [x for x in (r.get("levels") or []) + (r.get("vit") or []) + [r.get("ttft") or {}] if x.get("error")]
+    for x in errors:
+        print(f"{name} error: {x['error'][:300]}")
+EOF
+[ "${PIPESTATUS[0]}" -eq 0 ] || fail "summary table"
+echo "results: $out/internvl.json, $out/transformers.json, $out/summary.md, logs in $out"
+echo "gpu-check: $failures failed, $SECONDS s"
 [ "$failures" -eq 0 ]

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers.generation.streamers import BaseStreamer
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts/reference"))
 import generate_model as gm  # noqa: E402  (mapping, V1.1 patches, tokenizer, preprocessing)
+from transformers_gpu_bench import StepTimes as TimingStreamer  # noqa: E402  (one put() time per step)
 
 IMAGES = ("model-a.png", "model-b.png")
 # ~30 non-image tokens each with the template (29..42 with the demo tokenizer, BOS included)
@@ -58,19 +58,6 @@ QUESTIONS = (
     "Is there any text in this image? What does it say?",
     "图片中左下角是什么？右上角呢？",
 )
-
-
-class TimingStreamer(BaseStreamer):
-    """Records the wall-clock time of every `put()` (the first one carries the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
 
 
 def build_batch(tok: gm.LegacyLlamaTokenizer, cfg: dict, n_img: int, batch: int, images_dir: Path, pad_id: int):
