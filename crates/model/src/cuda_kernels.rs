@@ -28,6 +28,26 @@ const FLASH_MAX_HEAD_DIM: usize = 128;
 /// without opting in.
 const PAGED_MAX_CONTEXT: usize = (42 * 1024) / 4;
 
+/// Whether the model uses these kernels on CUDA: yes unless `INTERNVL_ATTENTION=matmul`, which
+/// falls back to candle's gather + matmul attention — an escape hatch should a kernel misbehave
+/// on some GPU, and the end-to-end baseline the kernels are measured against.
+pub fn kernels_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| match std::env::var("INTERNVL_ATTENTION").as_deref() {
+        Ok("matmul") => {
+            tracing::warn!("INTERNVL_ATTENTION=matmul: the CUDA attention kernels are off");
+            false
+        }
+        Ok("kernels") | Err(_) => true,
+        Ok(other) => {
+            tracing::warn!(
+                "INTERNVL_ATTENTION={other:?} is neither `kernels` nor `matmul`: kernels on"
+            );
+            true
+        }
+    })
+}
+
 /// Whether the paged kernel handles this shape (otherwise: gather + matmul).
 pub fn paged_supported(dtype: DType, head_dim: usize, max_context: usize) -> bool {
     matches!(dtype, DType::F32 | DType::BF16)

@@ -440,8 +440,7 @@ impl Llama {
                 .broadcast_as((tokens, self.num_kv_heads, self.head_dim))?
                 .contiguous()?,
             #[cfg(feature = "cuda")]
-            cuda: device
-                .is_cuda()
+            cuda: (device.is_cuda() && crate::cuda_kernels::kernels_enabled())
                 .then(|| {
                     let dtype = embeddings.dtype();
                     CudaPlan::new(slices, &read_slots, dtype, self.head_dim, device)

@@ -119,7 +119,10 @@ impl VisionAttention {
             k = kn.forward(&k.contiguous()?)?;
         }
         #[cfg(feature = "cuda")]
-        if q.device().is_cuda() && crate::cuda_kernels::flash_supported(q.dtype(), self.head_dim) {
+        if q.device().is_cuda()
+            && crate::cuda_kernels::kernels_enabled()
+            && crate::cuda_kernels::flash_supported(q.dtype(), self.head_dim)
+        {
             let heads = |t: &Tensor| t.reshape((b, n, self.num_heads, self.head_dim));
             let out =
                 crate::cuda_kernels::flash_attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, false)?;
