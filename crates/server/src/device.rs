@@ -41,3 +41,13 @@ pub fn demo_model_dir() -> PathBuf {
         )),
     }
 }
+
+/// (free, total) bytes of the device's memory; `None` on the CPU.
+pub fn memory_info(device: &Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return cuda.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = device;
+    None
+}

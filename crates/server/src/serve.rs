@@ -121,13 +121,7 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
 /// Memory the KV cache could take now (the weights already loaded): the GPU's free memory on
 /// CUDA, the system's available memory on CPU.
 fn available_memory(device: &candle_core::Device) -> anyhow::Result<u64> {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(cuda) = device {
-        let (free, _total) = cuda
-            .cuda_stream()
-            .context()
-            .mem_get_info()
-            .map_err(|e| anyhow::anyhow!("asking the GPU for its free memory: {e:?}"))?;
+    if let Some((free, _total)) = crate::device::memory_info(device) {
         return Ok(free as u64);
     }
     if !device.is_cpu() {

@@ -1,0 +1,422 @@
+//! The phases of a benchmark run: warm-up, vision encoder alone, single-chat time to first
+//! token, and concurrency levels, each measured into the report.
+
+use super::gpu_memory::MemorySampler;
+use super::stats::{decode_window, mib, percentile, round};
+use super::BenchArgs;
+use anyhow::{bail, Context};
+use candle_core::Device;
+use internvl_model::loader::pixel_batch;
+use internvl_model::preprocess::PixelValues;
+use internvl_model::prompt::{ChatMessage, Part, Role};
+use internvl_model::{EncodedPrompt, LoadedModel};
+use internvl_scheduler::{
+    Engine, EngineConfig, Event, ImageInput, Request, SamplingParams, StopParams,
+};
+use internvl_server::runner::{CandleRunner, TokenizerDecoder};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The question when no `--prompt-tokens` is given (311 prompt tokens with the demo tokenizer).
+const QUESTION: &str = "Please describe this picture in detail: the objects, their colours, \
+                        where they are, and what might happen next.";
+
+/// Words a question of a requested size is cut from (repeated as needed).
+const FILLER: &str = "Please describe this picture in detail: the objects, their colours and \
+                      shapes, where they are, what they are doing, and what might happen next. \
+                      Mention any text you can read, the lighting, the background, the mood of \
+                      the scene and anything that looks unusual or out of place.";
+
+/// One chat's events as the client saw them.
+struct ChatTrace {
+    submitted: Instant,
+    /// Arrival time of each generated token.
+    tokens: Vec<Instant>,
+    /// The engine's gaps between consecutive tokens.
+    inter_token: Vec<Duration>,
+    preemptions: usize,
+}
+
+pub(super) struct Bench<'a> {
+    pub(super) args: &'a BenchArgs,
+    pub(super) loaded: &'a LoadedModel,
+    /// Content hash and pixels of each image.
+    pub(super) images: Vec<(u64, Arc<PixelValues>)>,
+    /// Distinct content hashes for chats while caching is off.
+    pub(super) next_hash: u64,
+    pub(super) memory: Option<MemorySampler>,
+    pub(super) report: Value,
+}
+
+impl Bench<'_> {
+    pub(super) fn write_json(&mut self) -> anyhow::Result<()> {
+        if let Some(m) = &self.memory {
+            self.report["gpu_memory"]["peak_used_mib"] = json!(mib(m.overall_peak()));
+        }
+        if let Some(path) = &self.args.json {
+            let text = serde_json::to_string_pretty(&self.report)?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn device(&self) -> &Device {
+        self.loaded.model.device()
+    }
+
+    /// An engine whose KV cache holds `seqs` chats of `per_seq` tokens.
+    fn engine(&self, seqs: usize, per_seq: usize) -> anyhow::Result<Engine<PixelValues>> {
+        let max_len = self.loaded.model.config().llm.max_position_embeddings;
+        if per_seq > max_len {
+            bail!("prompt + max tokens = {per_seq} exceeds the model's {max_len} positions");
+        }
+        let block_size = self.args.block_size;
+        let num_blocks = seqs * per_seq.div_ceil(block_size) + 1;
+        let mut config = EngineConfig::new(num_blocks, block_size, max_len);
+        config.max_num_batched_tokens = self.args.max_num_batched_tokens;
+        config.enable_prefix_caching = self.args.caching;
+        if !self.args.caching {
+            config.encoder_cache_bytes = 0;
+        }
+        let runner = CandleRunner::new(self.loaded.model.clone(), num_blocks, block_size)
+            .context("allocating the KV cache")?;
+        let decoder = Arc::new(TokenizerDecoder(self.loaded.tokenizer.clone()));
+        Engine::start(runner, config, decoder).map_err(anyhow::Error::msg)
+    }
+
+    /// Submits `count` chats at once and waits for all of them.
+    fn chats(
+        &mut self,
+        engine: &Engine<PixelValues>,
+        prompt: &EncodedPrompt,
+        count: usize,
+        max_tokens: usize,
+    ) -> anyhow::Result<Vec<ChatTrace>> {
+        let tokens_per_image = self.loaded.model.config().num_image_tokens();
+        let mut streams = Vec::with_capacity(count);
+        for i in 0..count {
+            let (hash, pixels) = &self.images[i % self.images.len()];
+            self.next_hash += 1;
+            let content_hash = if self.args.caching {
+                *hash
+            } else {
+                self.next_hash
+            };
+            let submitted = Instant::now();
+            let stream = engine.submit(Request {
+                prompt: prompt.ids.clone(),
+                images: vec![ImageInput {
+                    offset: prompt.image_offsets[0],
+                    num_tokens: tokens_per_image,
+                    content_hash,
+                    pixels: pixels.clone(),
+                }],
+                sampling: SamplingParams::default(),
+                stop: StopParams {
+                    max_tokens,
+                    eos_token_id: Some(self.loaded.tokenizer.eos_id()),
+                    ignore_eos: true,
+                    ..StopParams::default()
+                },
+                skip_special_tokens: true,
+                n: 1,
+            })?;
+            streams.push((submitted, stream));
+        }
+        let waiters: Vec<_> = streams
+            .into_iter()
+            .map(|(submitted, mut stream)| {
+                std::thread::spawn(move || -> anyhow::Result<ChatTrace> {
+                    let mut tokens = Vec::with_capacity(max_tokens);
+                    while let Some(event) = stream.next_blocking() {
+                        match event {
+                            Event::Token { .. } => tokens.push(Instant::now()),
+                            Event::Finished { timings, .. } => {
+                                return Ok(ChatTrace {
+                                    submitted,
+                                    tokens,
+                                    inter_token: timings.inter_token,
+                                    preemptions: timings.preemptions,
+                                })
+                            }
+                            Event::Error { message } => bail!(message),
+                        }
+                    }
+                    bail!("the engine stopped")
+                })
+            })
+            .collect();
+        let mut traces = Vec::with_capacity(count);
+        for waiter in waiters {
+            traces.push(
+                waiter
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("waiter panicked"))??,
+            );
+        }
+        for t in &traces {
+            if t.tokens.len() != max_tokens {
+                bail!("a chat got {} tokens, not {max_tokens}", t.tokens.len());
+            }
+        }
+        Ok(traces)
+    }
+
+    pub(super) fn warm_up(&mut self, prompt: &EncodedPrompt) -> anyhow::Result<()> {
+        let (chats, tokens) = (2, 4);
+        let engine = self.engine(chats, prompt.ids.len() + tokens)?;
+        self.chats(&engine, prompt, chats, tokens)?;
+        self.device().synchronize()?;
+        Ok(())
+    }
+
+    pub(super) fn vit(&mut self, batch: usize) -> anyhow::Result<Value> {
+        if batch == 0 || self.args.vit_runs == 0 {
+            bail!("batch size and runs must be positive");
+        }
+        if let Some(m) = &self.memory {
+            m.reset_peak();
+        }
+        let model = self.loaded.model.clone();
+        let pixels: Vec<&PixelValues> = (0..batch)
+            .map(|i| self.images[i % self.images.len()].1.as_ref())
+            .collect();
+        let input = pixel_batch(&pixels, model.device())?;
+        let device = model.device();
+        model.encode_images(&input)?; // untimed: first use of this batch shape
+        device.synchronize()?;
+        let mut times = Vec::with_capacity(self.args.vit_runs);
+        for _ in 0..self.args.vit_runs {
+            let started = Instant::now();
+            let out = model.encode_images(&input)?;
+            device.synchronize()?;
+            times.push(started.elapsed().as_secs_f64());
+            drop(out);
+        }
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        times.sort_by(f64::total_cmp);
+        let p50 = percentile(&times, 0.5);
+        println!(
+            "| {batch} | {:.1} | {:.1} | {} |",
+            p50 * 1e3,
+            p50 * 1e3 / batch as f64,
+            times.len()
+        );
+        Ok(json!({
+            "batch": batch,
+            "runs": times.len(),
+            "ms_per_batch_p50": round(p50 * 1e3, 3),
+            "ms_per_batch_mean": round(mean * 1e3, 3),
+            "ms_per_batch_min": round(times[0] * 1e3, 3),
+            "ms_per_image": round(p50 * 1e3 / batch as f64, 3),
+            "peak_gpu_used_mib": self.memory.as_ref().map(|m| mib(m.peak())),
+        }))
+    }
+
+    pub(super) fn ttft(&mut self) -> anyhow::Result<Value> {
+        let prompt = chat_prompt(
+            self.loaded,
+            self.args.ttft_prompt_tokens.or(self.args.prompt_tokens),
+        )?;
+        if let Some(m) = &self.memory {
+            m.reset_peak();
+        }
+        let engine = self.engine(1, prompt.ids.len() + 1)?;
+        let mut ttfts = Vec::with_capacity(self.args.ttft_runs);
+        for _ in 0..self.args.ttft_runs {
+            let trace = self.chats(&engine, &prompt, 1, 1)?.remove(0);
+            ttfts.push((trace.tokens[0] - trace.submitted).as_secs_f64());
+        }
+        let stats = engine.stats();
+        drop(engine);
+        let mean = ttfts.iter().sum::<f64>() / ttfts.len() as f64;
+        ttfts.sort_by(f64::total_cmp);
+        let text_tokens = prompt.ids.len() - self.loaded.model.config().num_image_tokens();
+        println!(
+            "TTFT, one chat alone (1 image + {text_tokens} text tokens = {} prompt tokens): \
+             p50 {:.1} ms, min {:.1} ms, max {:.1} ms over {} runs (vision encoder {:.1} ms per image)",
+            prompt.ids.len(),
+            percentile(&ttfts, 0.5) * 1e3,
+            ttfts[0] * 1e3,
+            ttfts[ttfts.len() - 1] * 1e3,
+            ttfts.len(),
+            stats.encode_time.as_secs_f64() * 1e3 / stats.images_encoded.max(1) as f64,
+        );
+        Ok(json!({
+            "runs": ttfts.len(),
+            "prompt_tokens": prompt.ids.len(),
+            "text_tokens": text_tokens,
+            "p50_ms": round(percentile(&ttfts, 0.5) * 1e3, 3),
+            "mean_ms": round(mean * 1e3, 3),
+            "min_ms": round(ttfts[0] * 1e3, 3),
+            "max_ms": round(ttfts[ttfts.len() - 1] * 1e3, 3),
+            "vision_ms_per_image": round(
+                stats.encode_time.as_secs_f64() * 1e3 / stats.images_encoded.max(1) as f64, 3),
+            "peak_gpu_used_mib": self.memory.as_ref().map(|m| mib(m.peak())),
+        }))
+    }
+
+    pub(super) fn level(
+        &mut self,
+        prompt: &EncodedPrompt,
+        concurrency: usize,
+    ) -> anyhow::Result<Value> {
+        let max_tokens = self.args.max_tokens;
+        if let Some(m) = &self.memory {
+            m.reset_peak();
+        }
+        let engine = self.engine(concurrency, prompt.ids.len() + max_tokens)?;
+        let started = Instant::now();
+        let traces = self.chats(&engine, prompt, concurrency, max_tokens)?;
+        let stats = engine.stats();
+        drop(engine);
+        let end = traces
+            .iter()
+            .filter_map(|t| t.tokens.last())
+            .max()
+            .copied()
+            .unwrap_or(started);
+        let wall = (end - started).as_secs_f64();
+        let since = |t: Instant| (t - started).as_secs_f64();
+        let token_times: Vec<Vec<f64>> = traces
+            .iter()
+            .map(|t| t.tokens.iter().map(|&x| since(x)).collect())
+            .collect();
+        let window = decode_window(&token_times);
+        let mut ttfts: Vec<f64> = traces
+            .iter()
+            .map(|t| (t.tokens[0] - t.submitted).as_secs_f64())
+            .collect();
+        ttfts.sort_by(f64::total_cmp);
+        let mut itl: Vec<f64> = traces
+            .iter()
+            .flat_map(|t| t.inter_token.iter().map(Duration::as_secs_f64))
+            .collect();
+        itl.sort_by(f64::total_cmp);
+        let total = concurrency * max_tokens;
+        let aggregate = total as f64 / wall;
+        let decode = window.as_ref().map(|w| w.tokens as f64 / (w.end - w.start));
+        let peak = self.memory.as_ref().map(|m| m.peak());
+        let show = |v: Option<f64>, digits: usize| match v {
+            Some(v) => format!("{v:.digits$}"),
+            None => "-".into(),
+        };
+        println!(
+            "| {concurrency} | {} | {aggregate:.1} | {:.0} | {:.0} | {wall:.1} | {} |",
+            show(decode, 1),
+            percentile(&ttfts, 0.5) * 1e3,
+            percentile(&ttfts, 0.99) * 1e3,
+            peak.map_or("-".into(), |p| mib(p).to_string()),
+        );
+        eprintln!(
+            "  concurrency {concurrency}: {} steps, {} preemptions | vision {:.2} s ({} images), \
+             LLM forward {:.2} s, sampling {:.2} s",
+            stats.steps,
+            stats.preemptions,
+            stats.encode_time.as_secs_f64(),
+            stats.images_encoded,
+            stats.forward_time.as_secs_f64(),
+            stats.sample_time.as_secs_f64()
+        );
+        Ok(json!({
+            "concurrency": concurrency,
+            "prompt_tokens": prompt.ids.len(),
+            "text_tokens": prompt.ids.len() - self.loaded.model.config().num_image_tokens(),
+            "max_tokens": max_tokens,
+            "output_tokens": total,
+            "wall_s": round(wall, 3),
+            "aggregate_tok_s": round(aggregate, 2),
+            "decode_tok_s": decode.map(|d| round(d, 2)),
+            "decode_window_s": window.as_ref().map(|w| round(w.end - w.start, 3)),
+            "decode_window_tokens": window.as_ref().map(|w| w.tokens),
+            "decode_window_mean_context": window
+                .as_ref()
+                .map(|w| round(prompt.ids.len() as f64 + w.mean_generated, 1)),
+            "ttft_p50_ms": round(percentile(&ttfts, 0.5) * 1e3, 3),
+            "ttft_p99_ms": round(percentile(&ttfts, 0.99) * 1e3, 3),
+            "itl_p50_ms": (!itl.is_empty()).then(|| round(percentile(&itl, 0.5) * 1e3, 3)),
+            "itl_p99_ms": (!itl.is_empty()).then(|| round(percentile(&itl, 0.99) * 1e3, 3)),
+            "preemptions": traces.iter().map(|t| t.preemptions).sum::<usize>(),
+            "engine_steps": stats.steps,
+            "vision_s": round(stats.encode_time.as_secs_f64(), 3),
+            "images_encoded": stats.images_encoded,
+            "llm_forward_s": round(stats.forward_time.as_secs_f64(), 3),
+            "peak_gpu_used_mib": peak.map(mib),
+        }))
+    }
+}
+
+/// The prompt of one chat: one image and a question, sized to `text_tokens` text tokens (all
+/// but the visual ones) when given.
+pub(super) fn chat_prompt(
+    loaded: &LoadedModel,
+    text_tokens: Option<usize>,
+) -> anyhow::Result<EncodedPrompt> {
+    let encode = |question: &str| {
+        loaded.encode_prompt(&[ChatMessage {
+            role: Role::User,
+            parts: vec![Part::Image, Part::Text(question.into())],
+        }])
+    };
+    let Some(target) = text_tokens else {
+        return Ok(encode(QUESTION)?);
+    };
+    let visual = loaded.model.config().num_image_tokens();
+    let text_len = |q: &str| -> anyhow::Result<usize> { Ok(encode(q)?.ids.len() - visual) };
+    // Every word adds at least one token: no more than `target` words are ever needed.
+    let words: Vec<&str> = FILLER
+        .split_whitespace()
+        .cycle()
+        .take(target.max(1))
+        .collect();
+    let question = |k: usize| words[..k].join(" ");
+    if text_len(&question(1))? > target {
+        bail!(
+            "--prompt-tokens {target} is below the template's minimum ({} with a one-word question)",
+            text_len(&question(1))?
+        );
+    }
+    // The most words that fit (the count grows with the words).
+    let (mut lo, mut hi) = (1, words.len());
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if text_len(&question(mid))? <= target {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    // Then single-token additions while they fit.
+    let mut q = question(lo);
+    let mut len = text_len(&q)?;
+    'grow: while len < target {
+        for piece in [" a", ".", " I"] {
+            let candidate = format!("{q}{piece}");
+            let n = text_len(&candidate)?;
+            if n > len && n <= target {
+                q = candidate;
+                len = n;
+                continue 'grow;
+            }
+        }
+        break;
+    }
+    Ok(encode(&q)?)
+}
+
+pub(super) fn default_images() -> anyhow::Result<Vec<PathBuf>> {
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/images"
+    ));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg"))
+        .collect();
+    files.sort();
+    Ok(files)
+}

@@ -1,0 +1,278 @@
+//! `internvl bench`: decode rate, throughput and time to first token of concurrent image chats,
+//! time to first token of a single chat, and the vision encoder alone.
+//!
+//! Phases, in this order:
+//! 1. warm-up (unless `--no-warmup`): two chats of four tokens, so the device's kernels are
+//!    loaded and its libraries initialised before any clock starts;
+//! 2. `--vit-batch 1,8`: the vision encoder (InternViT + pixel shuffle + projector) alone on a
+//!    batch of B images already on the device: one untimed run, then `--vit-runs` timed ones,
+//!    the device synchronised before each clock stops (CUDA runs asynchronously);
+//! 3. `--ttft-runs N`: N single chats one after another (one image, `--ttft-prompt-tokens`
+//!    text tokens, one generated token): the time to first token of a chat alone;
+//! 4. each `--concurrency` level: that many chats submitted at once — one image, a question
+//!    sized to `--prompt-tokens`, `--max-tokens` generated tokens with end-of-sequence
+//!    ignored — on a fresh engine whose KV cache is sized for that level.
+//!
+//! A failed phase (out of memory at a level, say) is reported and the next one runs; the
+//! command then exits non-zero. `--json PATH` writes everything measured, rewritten after each
+//! phase so a run stopped part-way leaves what it had. Definitions are in [`DEFINITIONS`].
+
+mod chat;
+mod gpu_memory;
+mod stats;
+
+use anyhow::{bail, Context};
+use chat::{chat_prompt, default_images, Bench};
+use gpu_memory::MemorySampler;
+use internvl_model::preprocess::preprocess;
+use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
+use internvl_server::loading::load_model;
+use serde_json::json;
+use stats::{mib, push, round};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What each reported number means; also written to the JSON.
+const DEFINITIONS: [(&str, &str); 5] = [
+    (
+        "decode_tok_s",
+        "steady-state decode rate of a level: tokens emitted while every chat of the level was \
+         decoding — after the moment the last chat got its first token, up to the moment the \
+         first chat got its last token — divided by that time",
+    ),
+    (
+        "aggregate_tok_s",
+        "all generated tokens of a level divided by the wall time from the first submission to \
+         the last token (vision encoder and prefill included)",
+    ),
+    (
+        "ttft",
+        "time to first token: submission to the first generated token's arrival at the client \
+         (vision encoder, prefill and the first sampling step, plus any queueing behind the \
+         other chats of the level); image decoding and resizing are done beforehand and not \
+         included",
+    ),
+    (
+        "vit_ms_per_image",
+        "vision encoder (ViT + pixel shuffle + projector) on a batch of B preprocessed images \
+         already on the device, median over the timed runs of the batch time, divided by B",
+    ),
+    (
+        "gpu_memory",
+        "device memory in use (total minus free, cuMemGetInfo: this process and any other, CUDA \
+         context included), sampled every 20 ms; peak = the highest sample",
+    ),
+];
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Checkpoint directory; the bundled demo checkpoint when omitted. With --random-weights,
+    /// only its tokenizer is used.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Random weights for the model this config.json (InternVLChatConfig format) describes,
+    /// e.g. config/models/internvl-chat-chinese-v1.1.json, instead of a checkpoint's.
+    #[arg(long, value_name = "CONFIG_JSON")]
+    random_weights: Option<PathBuf>,
+    /// Images, used in turn by the chats; the repository's fixture images when omitted.
+    #[arg(long)]
+    image: Vec<PathBuf>,
+    /// Concurrency levels to measure (0: none).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// Tokens generated per chat.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Text tokens of each chat's prompt: every prompt token but the image's visual ones (BOS,
+    /// template, image delimiters and the question, whose length is chosen to match as
+    /// closely as the tokenizer allows). Default: a fixed 20-word question (55 text tokens with
+    /// the demo tokenizer).
+    #[arg(long)]
+    prompt_tokens: Option<usize>,
+    /// Single chats timed one after another for the time to first token (0: none).
+    #[arg(long, default_value_t = 0)]
+    ttft_runs: usize,
+    /// Text tokens of the prompt of those single chats (default: --prompt-tokens).
+    #[arg(long)]
+    ttft_prompt_tokens: Option<usize>,
+    /// Time the vision encoder alone at these batch sizes (e.g. 1,8).
+    #[arg(long, value_delimiter = ',')]
+    vit_batch: Vec<usize>,
+    /// Timed runs per vision-encoder batch size.
+    #[arg(long, default_value_t = 5)]
+    vit_runs: usize,
+    /// Skip the warm-up chats.
+    #[arg(long)]
+    no_warmup: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Let repeated images and prompts hit the encoder and prefix caches (off: every chat's
+    /// image counts as new, so the vision encoder runs for each).
+    #[arg(long)]
+    caching: bool,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    let memory = MemorySampler::start(&device);
+    let dir = args.model.clone().unwrap_or_else(demo_model_dir);
+    let load_started = Instant::now();
+    let loaded = load_model(
+        &dir,
+        args.random_weights.as_deref(),
+        &device,
+        parse_dtype(&args.dtype)?,
+        None,
+    )?;
+    let load_s = load_started.elapsed().as_secs_f64();
+    let image_files = if args.image.is_empty() {
+        default_images()?
+    } else {
+        args.image.clone()
+    };
+    let images = image_files
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            let pixels = preprocess(&bytes, &loaded.preprocess)
+                .with_context(|| format!("decoding {}", f.display()))?;
+            let mut h = DefaultHasher::new();
+            bytes.hash(&mut h);
+            Ok((h.finish(), Arc::new(pixels)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if images.is_empty() {
+        bail!("no images");
+    }
+    let prompt = chat_prompt(&loaded, args.prompt_tokens)?;
+    let tokens_per_image = loaded.model.config().num_image_tokens();
+    eprintln!(
+        "model {} | {} {:?} | loaded in {load_s:.1} s | {} prompt tokens ({} image tokens) | \
+         {} generated tokens | caching {}",
+        match &args.random_weights {
+            Some(config) => format!("{} (random weights)", config.display()),
+            None => dir.display().to_string(),
+        },
+        args.device,
+        loaded.model.dtype(),
+        prompt.ids.len(),
+        tokens_per_image,
+        args.max_tokens,
+        args.caching
+    );
+
+    let mut bench = Bench {
+        args: &args,
+        loaded: &loaded,
+        images,
+        next_hash: 0,
+        memory,
+        report: json!({
+            "engine": "internvl",
+            "version": concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("INTERNVL_GIT_COMMIT"), ")"),
+            "model": dir.display().to_string(),
+            "random_weights": args.random_weights.as_ref().map(|p| p.display().to_string()),
+            "device": args.device,
+            "dtype": format!("{:?}", loaded.model.dtype()).to_lowercase(),
+            "image_tokens": tokens_per_image,
+            "load_s": round(load_s, 3),
+            "caching": args.caching,
+            "block_size": args.block_size,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "definitions": DEFINITIONS.iter().map(|(k, v)| (k.to_string(), json!(v)))
+                .collect::<serde_json::Map<_, _>>(),
+            "gpu_memory": null,
+            "vit": [],
+            "ttft": null,
+            "levels": [],
+        }),
+    };
+    if let Some(m) = &bench.memory {
+        bench.report["gpu_memory"] = json!({
+            "total_mib": mib(m.total),
+            "before_load_used_mib": mib(m.baseline),
+            "after_load_used_mib": mib(m.used_now()),
+            "peak_used_mib": null,
+        });
+    }
+    bench.write_json()?;
+
+    let mut failures = Vec::new();
+    if !args.no_warmup {
+        let started = Instant::now();
+        bench.warm_up(&prompt).context("warm-up")?;
+        eprintln!("warm-up: {:.1} s", started.elapsed().as_secs_f64());
+    }
+
+    if !args.vit_batch.is_empty() {
+        println!("| ViT batch | ms per batch (p50) | ms per image | runs |");
+        println!("| ---: | ---: | ---: | ---: |");
+    }
+    for &batch in &args.vit_batch {
+        let result = bench.vit(batch).unwrap_or_else(|e| {
+            failures.push(format!("ViT batch {batch}: {e:#}"));
+            json!({"batch": batch, "error": format!("{e:#}")})
+        });
+        push(&mut bench.report["vit"], result);
+        bench.write_json()?;
+    }
+
+    if args.ttft_runs > 0 {
+        let result = bench.ttft().unwrap_or_else(|e| {
+            failures.push(format!("TTFT: {e:#}"));
+            json!({"error": format!("{e:#}")})
+        });
+        bench.report["ttft"] = result;
+        bench.write_json()?;
+    }
+
+    let levels: Vec<usize> = args
+        .concurrency
+        .iter()
+        .copied()
+        .filter(|&c| c > 0)
+        .collect();
+    if !levels.is_empty() {
+        println!(
+            "| concurrency | decode tok/s (all decoding) | aggregate tok/s | TTFT p50 (ms) | \
+             TTFT p99 (ms) | wall (s) | peak GPU MiB |"
+        );
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    }
+    for concurrency in levels {
+        let result = bench.level(&prompt, concurrency).unwrap_or_else(|e| {
+            failures.push(format!("concurrency {concurrency}: {e:#}"));
+            json!({"concurrency": concurrency, "error": format!("{e:#}")})
+        });
+        push(&mut bench.report["levels"], result);
+        bench.write_json()?;
+    }
+
+    if let Some(m) = &bench.memory {
+        eprintln!(
+            "GPU memory: peak {} MiB used of {} MiB (before loading {} MiB)",
+            mib(m.overall_peak()),
+            mib(m.total),
+            mib(m.baseline)
+        );
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        for f in &failures {
+            eprintln!("FAILED: {f}");
+        }
+        bail!("{} of the measurements failed", failures.len())
+    }
+}
