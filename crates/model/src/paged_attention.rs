@@ -6,6 +6,7 @@
 //! for short query runs (decode steps, small chunks); long prefills keep the matmul path.
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
+use rayon::prelude::*;
 
 /// `q` [heads, len, head_dim]: `len` new tokens at positions `start..start + len`, attending
 /// causally over the positions `0..start + len` whose cache slots are `slots`. Returns
@@ -39,39 +40,89 @@ pub fn paged_attention_cpu(
     if !k_layout.is_contiguous() || !v_layout.is_contiguous() {
         return Ok(None);
     }
-    let keys = &k_cpu.as_slice::<f32>()?[k_layout.start_offset()..];
-    let values = &v_cpu.as_slice::<f32>()?[v_layout.start_offset()..];
-    let row = kv_heads * head_dim;
+    let cache = Cache {
+        keys: &k_cpu.as_slice::<f32>()?[k_layout.start_offset()..],
+        values: &v_cpu.as_slice::<f32>()?[v_layout.start_offset()..],
+        row: kv_heads * head_dim,
+        head_dim,
+        groups,
+        slots,
+    };
     let mut out = vec![0f32; heads * len * head_dim];
-    let mut scores = vec![0f32; start + len];
-    for h in 0..heads {
-        let kv_offset = (h / groups) * head_dim;
-        for i in 0..len {
-            let query = &q[(h * len + i) * head_dim..][..head_dim];
-            let context = start + i + 1;
-            let mut max = f32::NEG_INFINITY;
-            for (j, &slot) in slots[..context].iter().enumerate() {
-                let key = &keys[slot as usize * row + kv_offset..][..head_dim];
-                let s = dot(query, key) * scale;
-                scores[j] = s;
-                max = max.max(s);
+    // Heads split evenly over the threads; each thread walks the context once per query, slot
+    // by slot, reading its heads' keys and values where a slot's row holds them side by side.
+    let threads = rayon::current_num_threads().clamp(1, heads);
+    let heads_per_task = heads.div_ceil(threads);
+    out.par_chunks_mut(heads_per_task * len * head_dim)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first = task * heads_per_task;
+            let count = out.len() / (len * head_dim);
+            for i in 0..len {
+                cache.attend(&q, first..first + count, len, i, start + i + 1, scale, out);
             }
+        });
+    Tensor::from_vec(out, (heads, len, head_dim), &Device::Cpu).map(Some)
+}
+
+/// A layer's cache as flat f32 rows (one per slot: kv_heads × head_dim) and one sequence's
+/// slots in it.
+struct Cache<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    row: usize,
+    head_dim: usize,
+    groups: usize,
+    slots: &'a [u32],
+}
+
+impl Cache<'_> {
+    /// Query `i` of `heads` (q: [all heads, len, head_dim]) over the first `context` slots,
+    /// into `out` ([heads, len, head_dim] for these heads only).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &[f32],
+        heads: std::ops::Range<usize>,
+        len: usize,
+        i: usize,
+        context: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let hd = self.head_dim;
+        let count = heads.len();
+        let kv_offset = |h: usize| (h / self.groups) * hd;
+        let mut scores = vec![0f32; count * context];
+        for (j, &slot) in self.slots[..context].iter().enumerate() {
+            let keys = &self.keys[slot as usize * self.row..][..self.row];
+            for (k, h) in heads.clone().enumerate() {
+                let query = &q[(h * len + i) * hd..][..hd];
+                scores[k * context + j] = dot(query, &keys[kv_offset(h)..][..hd]) * scale;
+            }
+        }
+        for weights in scores.chunks_exact_mut(context) {
+            let max = weights.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             let mut total = 0f32;
-            for s in &mut scores[..context] {
+            for s in weights.iter_mut() {
                 *s = (*s - max).exp();
                 total += *s;
             }
-            let output = &mut out[(h * len + i) * head_dim..][..head_dim];
-            for (j, &slot) in slots[..context].iter().enumerate() {
-                let weight = scores[j] / total;
-                let value = &values[slot as usize * row + kv_offset..][..head_dim];
-                for (o, v) in output.iter_mut().zip(value) {
+            for s in weights.iter_mut() {
+                *s /= total;
+            }
+        }
+        for (j, &slot) in self.slots[..context].iter().enumerate() {
+            let values = &self.values[slot as usize * self.row..][..self.row];
+            for (k, h) in heads.clone().enumerate() {
+                let weight = scores[k * context + j];
+                let output = &mut out[(k * len + i) * hd..][..hd];
+                for (o, v) in output.iter_mut().zip(&values[kv_offset(h)..][..hd]) {
                     *o += weight * v;
                 }
             }
         }
     }
-    Tensor::from_vec(out, (heads, len, head_dim), &Device::Cpu).map(Some)
 }
 
 /// Dot product with eight independent sums, so the compiler can vectorise it.
