@@ -8,7 +8,9 @@
 #   2. correctness: greedy answers of the demo checkpoint (models/demo-internvl) on the device,
 #      f32 and bf16, against the independent reference's (transformers, f32) recorded in
 #      tests/fixtures/reference/model_cases.json: f32 must equal it, bf16 is reported (its
-#      rounding may move a greedy step); then `internvl check-kernels` (the CUDA kernels against
+#      rounding may move a greedy step); the first step's top-20 logprobs must match the
+#      reference's logits within the dtype's tolerance (scripts/reference/compare_logprobs.py:
+#      f32 1e-3, bf16 3 % of the largest |logit|); then `internvl check-kernels` (the CUDA kernels against
 #      CPU references, with their tolerances) where the binary has it; if it fails, the
 #      benchmarks below run with INTERNVL_ATTENTION=matmul (candle's attention, kernels off);
 #   3. internvl bench on the full-size model with random weights (--random-weights CONFIG):
@@ -152,9 +154,21 @@ print(next(c["greedy_text"] for c in cases if c["name"] == sys.argv[1]))' "$name
             t=$(budget 60)
             [ "$t" -eq 0 ] && { fail "answer $dtype $name: deadline"; continue; }
             got=$(timeout --kill-after=5 "$t" "$bin" generate --model models/demo-internvl "${args[@]}" \
-                --prompt "$question" --max-tokens 32 --ignore-eos --device "$device" --dtype "$dtype" 2>"$log")
+                --prompt "$question" --max-tokens 32 --ignore-eos --device "$device" --dtype "$dtype" \
+                --logprobs-out "$out/logprobs-$dtype-$name.jsonl" 2>"$log")
             rc=$?
             sed 's/^/    /' "$log"
+            # The first step's logprobs against the reference's logits, within the dtype's
+            # tolerance (f32 1e-3; bf16 3 % of the largest |logit|).
+            if [ "$rc" -eq 0 ]; then
+                if python3 scripts/reference/compare_logprobs.py "$name" \
+                    "$out/logprobs-$dtype-$name.jsonl" "$dtype"; then
+                    note "logprobs $dtype $name" "PASS"
+                else
+                    fail "$device $dtype $name: first-step logprobs outside the tolerance"
+                    note "logprobs $dtype $name" "FAIL"
+                fi
+            fi
             if [ "$rc" -ne 0 ]; then
                 fail "$device $dtype $name: exit status $rc"
                 note "answer $dtype $name" "FAILED (exit $rc)"

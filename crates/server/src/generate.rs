@@ -5,7 +5,9 @@
 use anyhow::{bail, Context};
 use internvl_model::preprocess::preprocess;
 use internvl_model::prompt::{ChatMessage, Part, Role};
-use internvl_scheduler::{Engine, EngineConfig, Event, SamplingParams, StopParams};
+use internvl_scheduler::{
+    Engine, EngineConfig, Event, SamplingParams, StopParams, MAX_TOP_LOGPROBS,
+};
 use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
 use internvl_server::loading::load_model;
 use internvl_server::runner::{image_inputs, CandleRunner, TokenizerDecoder};
@@ -44,6 +46,11 @@ pub struct GenerateArgs {
     /// Keep generating past the end-of-sequence token (fixed-length benchmarks).
     #[arg(long)]
     ignore_eos: bool,
+    /// Write each generated token's logprob and the 20 most likely tokens' (JSON, one line
+    /// per token: `{"token", "logprob", "top": [[id, logprob], ...]}`) to this file, e.g. to
+    /// compare a device's logits with a reference's.
+    #[arg(long, value_name = "PATH")]
+    logprobs_out: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -114,6 +121,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         sampling: SamplingParams {
             temperature: args.temperature,
             seed: args.seed,
+            logprobs: args.logprobs_out.is_some().then_some(MAX_TOP_LOGPROBS),
             ..SamplingParams::default()
         },
         stop: StopParams {
@@ -127,10 +135,22 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     })?;
 
     let mut stdout = std::io::stdout().lock();
+    let mut logprobs = String::new();
     let mut generated = 0;
     let timings = loop {
         match stream.next_blocking() {
-            Some(Event::Token { text, .. }) => {
+            Some(Event::Token {
+                text,
+                id,
+                logprob,
+                top_logprobs,
+                ..
+            }) => {
+                if args.logprobs_out.is_some() {
+                    let line =
+                        serde_json::json!({"token": id, "logprob": logprob, "top": top_logprobs});
+                    logprobs.push_str(&format!("{line}\n"));
+                }
                 generated += 1;
                 write!(stdout, "{text}")?;
                 stdout.flush()?;
@@ -143,6 +163,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             None => bail!("the engine stopped"),
         }
     };
+    if let Some(path) = &args.logprobs_out {
+        std::fs::write(path, logprobs).with_context(|| format!("writing {}", path.display()))?;
+    }
     let vision = engine.stats().encode_time;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let decode_steps = generated.max(2) - 1;

@@ -1,0 +1,42 @@
+//! `internvl generate --logprobs-out`: what the GPU check compares with the reference's logits.
+
+use std::process::Command;
+
+/// One JSON line per generated token; greedy picks the most likely token, so each line's
+/// token is the first of its top list, with the top logprob, and the list is sorted.
+#[test]
+fn logprobs_out_has_one_line_per_greedy_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("logprobs.jsonl");
+    let output = Command::new(env!("CARGO_BIN_EXE_internvl"))
+        .args(["generate", "--prompt", "你好", "--max-tokens", "5", "--ignore-eos"])
+        .arg("--logprobs-out")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    for line in &lines {
+        let top: Vec<(u64, f64)> = line["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap()))
+            .collect();
+        assert_eq!(top.len(), 20);
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1), "{top:?}");
+        assert_eq!(line["token"].as_u64().unwrap(), top[0].0);
+        assert_eq!(line["logprob"].as_f64().unwrap(), top[0].1);
+        let total: f64 = top.iter().map(|(_, lp)| lp.exp()).sum();
+        assert!(total <= 1.0 + 1e-5, "probabilities sum to {total}");
+    }
+}
