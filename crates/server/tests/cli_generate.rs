@@ -9,7 +9,14 @@ fn logprobs_out_has_one_line_per_greedy_token() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("logprobs.jsonl");
     let output = Command::new(env!("CARGO_BIN_EXE_internvl"))
-        .args(["generate", "--prompt", "你好", "--max-tokens", "5", "--ignore-eos"])
+        .args([
+            "generate",
+            "--prompt",
+            "你好",
+            "--max-tokens",
+            "5",
+            "--ignore-eos",
+        ])
         .arg("--logprobs-out")
         .arg(&path)
         .output()
