@@ -49,11 +49,23 @@ impl Rotary {
     }
 }
 
+/// `parts` (each [rows_i, cols]) stacked into one [Σ rows_i, cols] weight, so projections that
+/// read the same input run as one matmul: fewer, larger GEMMs (on the GPU, fewer launches).
+/// Weights with no memory of their own (the zero-strided stand-ins [`crate::count_parameters`]
+/// builds the model from) stay so, rather than being materialised.
+fn stack_rows(parts: &[Tensor]) -> Result<Tensor> {
+    if parts.iter().all(|p| p.stride().iter().all(|&s| s == 0)) {
+        let rows = parts.iter().map(|p| p.dim(0)).sum::<Result<usize>>()?;
+        let cols = parts[0].dim(1)?;
+        return Tensor::zeros((), parts[0].dtype(), parts[0].device())?.broadcast_as((rows, cols));
+    }
+    Tensor::cat(parts, 0)
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj and v_proj stacked: one matmul gives [tokens, (heads + 2 kv_heads) hd].
+    qkv_proj: Linear,
     o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -122,10 +134,14 @@ impl Attention {
     fn new(cfg: &LlmConfig, vb: VarBuilder) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let kv = cfg.num_key_value_heads * hd;
+        let weight = |name: &str, rows: usize| vb.pp(name).get((rows, h), "weight");
+        let qkv = stack_rows(&[
+            weight("q_proj", cfg.num_attention_heads * hd)?,
+            weight("k_proj", kv)?,
+            weight("v_proj", kv)?,
+        ])?;
         Ok(Self {
-            q_proj: linear_no_bias(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
-            k_proj: linear_no_bias(h, kv, vb.pp("k_proj"))?,
-            v_proj: linear_no_bias(h, kv, vb.pp("v_proj"))?,
+            qkv_proj: Linear::new(qkv, None),
             o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
@@ -136,22 +152,21 @@ impl Attention {
     fn forward(&self, xs: &Tensor, plan: &BatchPlan, cache: (&Tensor, &Tensor)) -> Result<Tensor> {
         let t = xs.dim(0)?;
         let hd = self.head_dim;
-        let q = self
-            .q_proj
-            .forward(xs)?
+        let (q_width, kv_width) = (self.num_heads * hd, self.num_kv_heads * hd);
+        let qkv = self.qkv_proj.forward(xs)?;
+        let q = qkv
+            .narrow(1, 0, q_width)?
             .reshape((1, t, self.num_heads, hd))?;
-        let k = self
-            .k_proj
-            .forward(xs)?
+        let k = qkv
+            .narrow(1, q_width, kv_width)?
             .reshape((1, t, self.num_kv_heads, hd))?;
+        let v = qkv
+            .narrow(1, q_width + kv_width, kv_width)?
+            .reshape((t, self.num_kv_heads, hd))?;
         let (cos, sin) = &plan.rope;
         let rotate = |x: &Tensor| candle_nn::rotary_emb::rope_thd(x, cos, sin)?.squeeze(0);
         let q = rotate(&q)?; // [t, heads, hd]
         let k = rotate(&k)?; // [t, kv_heads, hd]
-        let v = self
-            .v_proj
-            .forward(xs)?
-            .reshape((t, self.num_kv_heads, hd))?;
         let (k_cache, v_cache) = cache;
         k_cache.scatter_set(&plan.write_index, &k, 0)?;
         v_cache.scatter_set(&plan.write_index, &v, 0)?;
@@ -277,24 +292,31 @@ fn causal_mask(slice: &SequenceSlice, device: &Device) -> Result<Option<Tensor>>
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj and up_proj stacked: one matmul gives [tokens, 2 · intermediate].
+    gate_up_proj: Linear,
     down_proj: Linear,
+    intermediate: usize,
 }
 
 impl Mlp {
     fn new(cfg: &LlmConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let weight = |name: &str| vb.pp(name).get((i, h), "weight");
         Ok(Self {
-            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
+            gate_up_proj: Linear::new(
+                stack_rows(&[weight("gate_proj")?, weight("up_proj")?])?,
+                None,
+            ),
             down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+            intermediate: i,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        let gate_up = self.gate_up_proj.forward(xs)?;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.intermediate)?)?;
+        let up = gate_up.narrow(1, self.intermediate, self.intermediate)?;
+        self.down_proj.forward(&(gate * up)?)
     }
 }
 
@@ -450,5 +472,31 @@ impl Llama {
             #[cfg(feature = "cuda")]
             block_size: cache.block_size(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stacked_rows_are_the_parts_in_order_and_stand_ins_stay_views() {
+        let dev = Device::Cpu;
+        let a = Tensor::new(&[[1f32, 2.], [3., 4.]], &dev).unwrap();
+        let b = Tensor::new(&[[5f32, 6.]], &dev).unwrap();
+        let stacked = stack_rows(&[a, b]).unwrap();
+        assert_eq!(
+            stacked.to_vec2::<f32>().unwrap(),
+            [[1., 2.], [3., 4.], [5., 6.]]
+        );
+        let stand_in = |rows: usize| {
+            Tensor::zeros((), DType::F32, &dev)
+                .unwrap()
+                .broadcast_as((rows, 4096))
+                .unwrap()
+        };
+        let stacked = stack_rows(&[stand_in(4096), stand_in(1024)]).unwrap();
+        assert_eq!(stacked.dims(), [5120, 4096]);
+        assert!(stacked.stride().iter().all(|&s| s == 0));
     }
 }
