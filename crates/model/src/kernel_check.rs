@@ -156,7 +156,7 @@ fn check_paged(
             .transpose(0, 1)?
             .contiguous()?;
         let reference = paged_attention_cpu(&q_seq, &k_ref, &v_ref, &slots, slice.start, scale)?
-            .expect("f32 on the CPU takes the in-place path");
+            .ok_or_else(|| candle_core::Error::Msg("no CPU reference for this shape".into()))?;
         want.push(reference.transpose(0, 1)?);
         row += slice.len;
     }
