@@ -2,14 +2,13 @@
 //!
 //! It runs the same engine the server does, with one request.
 
+use crate::model_args::ModelArgs;
 use anyhow::{bail, Context};
 use internvl_model::preprocess::preprocess;
 use internvl_model::prompt::{ChatMessage, Part, Role};
 use internvl_scheduler::{
     Engine, EngineConfig, Event, SamplingParams, StopParams, MAX_TOP_LOGPROBS,
 };
-use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
-use internvl_server::loading::load_model;
 use internvl_server::runner::{image_inputs, CandleRunner, TokenizerDecoder};
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,14 +19,8 @@ const BLOCK_SIZE: usize = 16;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory; the bundled demo checkpoint (random weights) when omitted.
-    /// With --random-weights, only its tokenizer is used.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Random weights for the model this config.json (InternVLChatConfig format) describes,
-    /// e.g. config/models/internvl-chat-chinese-v1.1.json, instead of a checkpoint's.
-    #[arg(long, value_name = "CONFIG_JSON")]
-    random_weights: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Image file (PNG, JPEG, WebP, GIF, BMP); may be repeated, or omitted for text only.
     #[arg(long)]
     image: Vec<PathBuf>,
@@ -51,32 +44,20 @@ pub struct GenerateArgs {
     /// compare a device's logits with a reference's.
     #[arg(long, value_name = "PATH")]
     logprobs_out: Option<PathBuf>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// auto (f32 on CPU, bf16 on CUDA), f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
-    dtype: String,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
-    let dir = match &args.model {
-        Some(dir) => dir.clone(),
-        None if args.random_weights.is_some() => demo_model_dir(),
-        None => {
-            eprintln!(
-                "note: no --model given, using the bundled demo checkpoint {} \
-                 (random weights: the answer is meaningless)",
-                demo_model_dir().display()
-            );
-            demo_model_dir()
-        }
-    };
+    let device = args.model.device()?;
+    if args.model.model.is_none() && args.model.random_weights.is_none() {
+        eprintln!(
+            "note: no --model given, using the bundled demo checkpoint {} \
+             (random weights: the answer is meaningless)",
+            args.model.dir().display()
+        );
+    }
 
     let start = Instant::now();
-    let loaded = load_model(&dir, args.random_weights.as_deref(), &device, dtype, None)?;
+    let loaded = args.model.load(&device)?;
     let load_time = start.elapsed();
 
     let start = Instant::now();

@@ -3,6 +3,7 @@
 mod bench;
 mod check_kernels;
 mod generate;
+mod model_args;
 
 use internvl_server::device;
 use internvl_server::serve;

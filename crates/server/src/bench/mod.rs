@@ -21,12 +21,11 @@ mod chat;
 mod gpu_memory;
 mod stats;
 
+use crate::model_args::ModelArgs;
 use anyhow::{bail, Context};
 use chat::{chat_prompt, default_images, Bench};
 use gpu_memory::MemorySampler;
 use internvl_model::preprocess::preprocess;
-use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
-use internvl_server::loading::load_model;
 use serde_json::json;
 use stats::{mib, push, round};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -68,14 +67,8 @@ const DEFINITIONS: [(&str, &str); 5] = [
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Checkpoint directory; the bundled demo checkpoint when omitted. With --random-weights,
-    /// only its tokenizer is used.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Random weights for the model this config.json (InternVLChatConfig format) describes,
-    /// e.g. config/models/internvl-chat-chinese-v1.1.json, instead of a checkpoint's.
-    #[arg(long, value_name = "CONFIG_JSON")]
-    random_weights: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Images, used in turn by the chats; the repository's fixture images when omitted.
     #[arg(long)]
     image: Vec<PathBuf>,
@@ -117,24 +110,14 @@ pub struct BenchArgs {
     block_size: usize,
     #[arg(long, default_value_t = 2048)]
     max_num_batched_tokens: usize,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long, default_value = "auto")]
-    dtype: String,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
+    let device = args.model.device()?;
     let memory = MemorySampler::start(&device);
-    let dir = args.model.clone().unwrap_or_else(demo_model_dir);
+    let dir = args.model.dir();
     let load_started = Instant::now();
-    let loaded = load_model(
-        &dir,
-        args.random_weights.as_deref(),
-        &device,
-        parse_dtype(&args.dtype)?,
-        None,
-    )?;
+    let loaded = args.model.load(&device)?;
     let load_s = load_started.elapsed().as_secs_f64();
     let image_files = if args.image.is_empty() {
         default_images()?
@@ -160,11 +143,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!(
         "model {} | {} {:?} | loaded in {load_s:.1} s | {} prompt tokens ({} image tokens) | \
          {} generated tokens | caching {}",
-        match &args.random_weights {
+        match &args.model.random_weights {
             Some(config) => format!("{} (random weights)", config.display()),
             None => dir.display().to_string(),
         },
-        args.device,
+        args.model.device,
         loaded.model.dtype(),
         prompt.ids.len(),
         tokens_per_image,
@@ -182,8 +165,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "engine": "internvl",
             "version": concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("INTERNVL_GIT_COMMIT"), ")"),
             "model": dir.display().to_string(),
-            "random_weights": args.random_weights.as_ref().map(|p| p.display().to_string()),
-            "device": args.device,
+            "random_weights": args.model.random_weights.as_ref().map(|p| p.display().to_string()),
+            "device": args.model.device,
             "dtype": format!("{:?}", loaded.model.dtype()).to_lowercase(),
             "image_tokens": tokens_per_image,
             "load_s": round(load_s, 3),
