@@ -3,7 +3,7 @@
 // of any context, so decode stays bound by the cache reads it needs anyway.
 //
 // One CUDA block per (query, head), PAGED_THREADS threads. The warps share the context's
-// positions round-robin: first the scores (one key per warp at a time, lanes across the head
+// positions round-robin: first the scores (a few keys per warp at a time, lanes across the head
 // dimension), kept in dynamic shared memory (4 bytes per position); then a block-wide softmax;
 // then the weighted sum of values, again one position per warp at a time, lanes across the
 // head dimension, the warps' partial sums added at the end.
@@ -13,6 +13,7 @@
 #define PAGED_WARPS (PAGED_THREADS / 32)
 #define PAGED_MAX_HEAD_DIM 256
 #define PAGED_DIMS_PER_LANE (PAGED_MAX_HEAD_DIM / 32)
+#define PAGED_KEYS_PER_WARP 4
 
 template <typename T>
 __device__ void paged_attention(
@@ -45,17 +46,27 @@ __device__ void paged_attention(
         query_vec[d] = to_float(q_row[d]) * scale;
     __syncthreads();
 
-    // Every warp runs the same number of rounds so the shuffles stay block-uniform.
-    for (int base = 0; base < context; base += PAGED_WARPS) {
-        const int pos = base + warp;
-        float partial = 0.f;
-        if (pos < context) {
-            const size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
-            const T* key = k_cache + slot * slot_stride + (size_t)kv_head * head_dim;
-            for (int d = lane; d < head_dim; d += 32) partial += query_vec[d] * to_float(key[d]);
+    // Each warp scores PAGED_KEYS_PER_WARP positions per round, their loads independent so
+    // they are in flight together. Every warp runs the same number of rounds so the shuffles
+    // stay block-uniform.
+    for (int base = 0; base < context; base += PAGED_WARPS * PAGED_KEYS_PER_WARP) {
+        float partial[PAGED_KEYS_PER_WARP];
+        for (int u = 0; u < PAGED_KEYS_PER_WARP; ++u) {
+            const int pos = base + u * PAGED_WARPS + warp;
+            partial[u] = 0.f;
+            if (pos < context) {
+                const size_t slot =
+                    (size_t)table[pos / block_size] * block_size + pos % block_size;
+                const T* key = k_cache + slot * slot_stride + (size_t)kv_head * head_dim;
+                for (int d = lane; d < head_dim; d += 32)
+                    partial[u] += query_vec[d] * to_float(key[d]);
+            }
         }
-        const float score = warp_sum(partial);
-        if (pos < context && lane == 0) scores[pos] = score;
+        for (int u = 0; u < PAGED_KEYS_PER_WARP; ++u) {
+            const int pos = base + u * PAGED_WARPS + warp;
+            const float score = warp_sum(partial[u]);
+            if (pos < context && lane == 0) scores[pos] = score;
+        }
     }
     __syncthreads();
 
