@@ -75,6 +75,12 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     return __nv_bfloat16{(uint16_t)(u >> 16)};
 }
 
+struct uint4 {
+    unsigned x, y, z, w;
+};
+
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};
