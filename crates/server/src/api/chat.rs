@@ -310,6 +310,15 @@ impl Streaming {
         self.event(vec![choice], self.include_usage.then_some(None))
     }
 
+    /// Ends the stream with `error` as an OpenAI error event, then `[DONE]` as vLLM does, so
+    /// clients that read until `[DONE]` stop too (the OpenAI SDK raises on the error).
+    fn fail(&mut self, error: ApiError) {
+        self.pending
+            .push_back(SseEvent::default().data(error.body().to_string()));
+        self.pending.push_back(SseEvent::default().data("[DONE]"));
+        self.finished = true;
+    }
+
     /// One chunk as an SSE event; `usage` is absent, null, or (last chunk) the totals.
     fn event(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) -> SseEvent {
         let chunk = ChatCompletionChunk {
@@ -379,17 +388,9 @@ impl Streaming {
                 }
             }
             Some(Event::Error { message }) => {
-                let error = ApiError::internal(format!("generation failed: {message}"));
-                self.pending
-                    .push_back(SseEvent::default().data(error.body().to_string()));
-                self.finished = true;
+                self.fail(ApiError::internal(format!("generation failed: {message}")));
             }
-            None => {
-                let error = ApiError::internal("the engine stopped mid-request");
-                self.pending
-                    .push_back(SseEvent::default().data(error.body().to_string()));
-                self.finished = true;
-            }
+            None => self.fail(ApiError::internal("the engine stopped mid-request")),
         }
         true
     }
