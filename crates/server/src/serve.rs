@@ -121,11 +121,12 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
 /// Memory the KV cache could take now (the weights already loaded): the GPU's free memory on
 /// CUDA, the system's available memory on CPU.
 fn available_memory(device: &candle_core::Device) -> anyhow::Result<u64> {
-    if let Some((free, _total)) = crate::device::memory_info(device) {
-        return Ok(free as u64);
-    }
     if !device.is_cpu() {
-        bail!("kv_cache_memory as a fraction needs a CPU or CUDA device: give bytes, e.g. 30GiB");
+        let (free, _total) = crate::device::memory_info(device).context(
+            "could not read the device's free memory for kv_cache_memory as a fraction: give \
+             bytes, e.g. 30GiB",
+        )?;
+        return Ok(free as u64);
     }
     let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
     meminfo

@@ -17,15 +17,15 @@
 //! command then exits non-zero. `--json PATH` writes everything measured, rewritten after each
 //! phase so a run stopped part-way leaves what it had. Definitions are in [`DEFINITIONS`].
 
-mod chat;
 mod gpu_memory;
+mod phases;
 mod stats;
 
 use crate::model_args::ModelArgs;
 use anyhow::{bail, Context};
-use chat::{chat_prompt, default_images, Bench};
 use gpu_memory::MemorySampler;
 use internvl_model::preprocess::preprocess;
+use phases::{chat_prompt, default_images, Bench};
 use serde_json::json;
 use stats::{mib, push, round};
 use std::hash::{DefaultHasher, Hash, Hasher};
