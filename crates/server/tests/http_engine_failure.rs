@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 /// The demo model, whose forward fails once: the call numbered `fail_at` (from 0).
@@ -113,8 +114,18 @@ async fn json_body(response: reqwest::Response) -> Value {
     serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
 }
 
-fn blocks_used(state: &AppState) -> usize {
-    state.ready.get().unwrap().engine.stats().blocks_used
+/// KV blocks in use once the engine has published the step that ended the request: the
+/// client hears of the failure during that step, the counters follow at its end.
+async fn blocks_used_after_step(state: &AppState) -> usize {
+    let engine = &state.ready.get().unwrap().engine;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let used = engine.stats().blocks_used;
+        if used == 0 || Instant::now() > deadline {
+            return used;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
@@ -147,7 +158,7 @@ async fn a_failed_forward_mid_stream_ends_the_stream_with_an_error_event() {
     assert!(calls.load(Ordering::SeqCst) >= 5);
 
     // Everything was freed, and the next request is served normally.
-    assert_eq!(blocks_used(&state), 0);
+    assert_eq!(blocks_used_after_step(&state).await, 0);
     let next = json_body(post(&client, &url, &request(false)).await).await;
     assert_eq!(next["choices"][0]["finish_reason"], "length", "{next}");
     assert_eq!(next["usage"]["completion_tokens"], 12);
@@ -164,5 +175,5 @@ async fn a_failed_forward_gives_a_non_streaming_request_a_500() {
         .as_str()
         .unwrap()
         .contains("injected device failure"));
-    assert_eq!(blocks_used(&state), 0);
+    assert_eq!(blocks_used_after_step(&state).await, 0);
 }
