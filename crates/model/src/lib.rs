@@ -5,11 +5,15 @@
 //! Knows nothing of HTTP or scheduling.
 
 pub mod config;
+mod cpu_math;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernels;
+mod dense_attention;
+mod gelu;
 #[cfg(feature = "cuda")]
 pub mod kernel_check;
 pub mod kv_cache;
+mod linear;
 pub mod llama;
 pub mod loader;
 pub mod model;
@@ -19,6 +23,8 @@ pub mod preprocess;
 pub mod projector;
 pub mod prompt;
 pub mod random_weights;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;

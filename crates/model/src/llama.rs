@@ -6,9 +6,10 @@
 
 use crate::config::LlmConfig;
 use crate::kv_cache::{PagedKvCache, SequenceSlice};
-use crate::paged_attention::paged_attention_cpu;
+use crate::linear::{linear_no_bias, Linear};
+use crate::paged_attention::{paged_attention_cpu, PagedRun};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
 /// Query runs up to this long (decode steps, short chunks) attend in place in the cache; longer
 /// prefills gather the context and use matmuls, which win when many queries share it.
@@ -141,7 +142,7 @@ impl Attention {
             weight("v_proj", kv)?,
         ])?;
         Ok(Self {
-            qkv_proj: Linear::new(qkv, None),
+            qkv_proj: Linear::new(qkv, None)?,
             o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
@@ -176,22 +177,16 @@ impl Attention {
             let out = self.attend_cuda(&q, plan, cuda, cache)?;
             return self.o_proj.forward(&out.reshape((t, self.num_heads * hd))?);
         }
-        let q = q.transpose(0, 1)?; // [heads, t, hd]
         let scale = (hd as f64).powf(-0.5);
+        if let Some(out) = self.attend_cpu(&q, plan, cache, scale)? {
+            return self.o_proj.forward(&out);
+        }
+        let q = q.transpose(0, 1)?; // [heads, t, hd]
         let mut outputs = Vec::with_capacity(plan.slices.len());
         let mut offset = 0;
         for (slice, slots) in plan.slices.iter().zip(&plan.read_slots) {
             let q = q.narrow(1, offset, slice.len)?;
             offset += slice.len;
-            if slice.len <= IN_PLACE_MAX_QUERIES {
-                let q = q.contiguous()?;
-                let in_place =
-                    paged_attention_cpu(&q, k_cache, v_cache, slots, slice.start, scale as f32)?;
-                if let Some(out) = in_place {
-                    outputs.push(out);
-                    continue;
-                }
-            }
             let slots = Tensor::new(slots.as_slice(), q.device())?;
             outputs.push(self.attend_gathered(&q, slice, &slots, cache)?);
         }
@@ -199,6 +194,51 @@ impl Attention {
             .transpose(0, 1)?
             .reshape((t, self.num_heads * hd))?;
         self.o_proj.forward(&out)
+    }
+
+    /// CPU f32 attention of the packed `q` [t, heads, hd]: every short run of the batch read in
+    /// place from the cache in one call, each long one through the gathered context. Returns
+    /// [t, heads · hd], or `None` where the in-place path does not apply (other devices and
+    /// dtypes).
+    fn attend_cpu(
+        &self,
+        q: &Tensor,
+        plan: &BatchPlan,
+        cache: (&Tensor, &Tensor),
+        scale: f64,
+    ) -> Result<Option<Tensor>> {
+        if !q.device().is_cpu() {
+            return Ok(None);
+        }
+        let (t, width) = (q.dim(0)?, self.num_heads * self.head_dim);
+        let mut short = Vec::new();
+        let mut long = Vec::new();
+        let mut offset = 0;
+        for (slice, slots) in plan.slices.iter().zip(&plan.read_slots) {
+            let rows = offset..offset + slice.len;
+            offset += slice.len;
+            if slice.len <= IN_PLACE_MAX_QUERIES {
+                short.push(PagedRun {
+                    rows,
+                    start: slice.start,
+                    slots,
+                });
+            } else {
+                long.push((rows, slice, slots));
+            }
+        }
+        let mut out = vec![0f32; t * width];
+        if !paged_attention_cpu(q, cache.0, cache.1, &short, scale as f32, &mut out)? {
+            return Ok(None);
+        }
+        for (rows, slice, slots) in long {
+            let q = q.narrow(0, rows.start, rows.len())?.transpose(0, 1)?;
+            let slots = Tensor::new(slots.as_slice(), q.device())?;
+            let o = self.attend_gathered(&q, slice, &slots, cache)?; // [heads, len, hd]
+            let o: Vec<f32> = o.transpose(0, 1)?.flatten_all()?.to_vec1()?;
+            out[rows.start * width..rows.end * width].copy_from_slice(&o);
+        }
+        Tensor::from_vec(out, (t, width), q.device()).map(Some)
     }
 
     /// Attention of `q` [heads, len, hd] (the new tokens of `slice`) over its context gathered
@@ -306,7 +346,7 @@ impl Mlp {
             gate_up_proj: Linear::new(
                 stack_rows(&[weight("gate_proj")?, weight("up_proj")?])?,
                 None,
-            ),
+            )?,
             down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
             intermediate: i,
         })

@@ -3,160 +3,172 @@
 //! Gathering a sequence's context out of the cache into a contiguous tensor costs a copy of
 //! its whole KV per layer per step, which dominated decode time with many sequences. Reading
 //! each cached slot where it lies keeps decode memory-bound on the reads it needs anyway. Used
-//! for short query runs (decode steps, small chunks); long prefills keep the matmul path.
+//! for short query runs (decode steps, small chunks), all of a batch's in one call, so one
+//! parallel section per layer serves every sequence; long prefills keep the matmul path.
 
+use crate::cpu_math::{axpy_generic, dot_generic, multiversion, softmax_rows_generic};
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
+use std::cell::RefCell;
+use std::ops::Range;
 
-/// `q` [heads, len, head_dim]: `len` new tokens at positions `start..start + len`, attending
-/// causally over the positions `0..start + len` whose cache slots are `slots`. Returns
-/// [heads, len, head_dim], or `None` where this path does not apply (not CPU, not f32).
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One sequence's short run of new tokens: rows `rows` of the batch's queries, at positions
+/// `start..start + rows.len()`, attending causally over the positions whose cache slots are
+/// `slots` (`start + rows.len()` of them).
+pub struct PagedRun<'a> {
+    pub rows: Range<usize>,
+    pub start: usize,
+    pub slots: &'a [u32],
+}
+
+/// Attention of every run in `runs` at once: `q` [tokens, heads, head_dim] holds the new
+/// tokens of the whole batch; each run's rows of `out` (the same layout, flat) receive its
+/// result, the other rows are left as they are. Returns `false`, touching nothing, where this
+/// path does not apply (not CPU, not f32).
 pub fn paged_attention_cpu(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
-    slots: &[u32],
-    start: usize,
+    runs: &[PagedRun],
     scale: f32,
-) -> Result<Option<Tensor>> {
+    out: &mut [f32],
+) -> Result<bool> {
     if !matches!(q.device(), Device::Cpu)
         || q.dtype() != DType::F32
         || k_cache.dtype() != DType::F32
+        || v_cache.dtype() != DType::F32
     {
-        return Ok(None);
+        return Ok(false);
     }
-    let (heads, len, head_dim) = q.dims3()?;
+    let (tokens, heads, head_dim) = q.dims3()?;
     let (_, kv_heads, kv_dim) = k_cache.dims3()?;
-    if kv_dim != head_dim || heads % kv_heads != 0 || slots.len() != start + len {
-        candle_core::bail!("paged attention: inconsistent shapes or slots");
+    if kv_dim != head_dim || heads % kv_heads != 0 || out.len() != tokens * heads * head_dim {
+        candle_core::bail!("paged attention: inconsistent shapes");
     }
-    let groups = heads / kv_heads;
-    let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+    let mut row_query = vec![None; tokens];
+    for (r, run) in runs.iter().enumerate() {
+        if run.rows.end > tokens || run.slots.len() != run.start + run.rows.len() {
+            candle_core::bail!("paged attention: run {r} does not fit its rows or slots");
+        }
+        for (i, row) in run.rows.clone().enumerate() {
+            row_query[row] = Some((r, i));
+        }
+    }
+    let q = q.contiguous()?;
+    let (q_storage, q_layout) = q.storage_and_layout();
     let (k_storage, k_layout) = k_cache.storage_and_layout();
     let (v_storage, v_layout) = v_cache.storage_and_layout();
-    let (Storage::Cpu(k_cpu), Storage::Cpu(v_cpu)) = (&*k_storage, &*v_storage) else {
-        return Ok(None);
+    let (Storage::Cpu(q_cpu), Storage::Cpu(k_cpu), Storage::Cpu(v_cpu)) =
+        (&*q_storage, &*k_storage, &*v_storage)
+    else {
+        return Ok(false);
     };
     if !k_layout.is_contiguous() || !v_layout.is_contiguous() {
-        return Ok(None);
+        return Ok(false);
     }
+    let queries = &q_cpu.as_slice::<f32>()?[q_layout.start_offset()..];
     let cache = Cache {
         keys: &k_cpu.as_slice::<f32>()?[k_layout.start_offset()..],
         values: &v_cpu.as_slice::<f32>()?[v_layout.start_offset()..],
         row: kv_heads * head_dim,
         head_dim,
-        groups,
-        slots,
+        groups: heads / kv_heads,
     };
-    let mut out = vec![0f32; heads * len * head_dim];
-    // Heads split evenly over the threads; each thread walks the context once per query, slot
-    // by slot, reading its heads' keys and values where a slot's row holds them side by side.
-    let threads = rayon::current_num_threads().clamp(1, heads);
-    let heads_per_task = heads.div_ceil(threads);
-    out.par_chunks_mut(heads_per_task * len * head_dim)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let first = task * heads_per_task;
-            let count = out.len() / (len * head_dim);
-            for i in 0..len {
-                cache.attend(&q, first..first + count, len, i, start + i + 1, scale, out);
-            }
+    // A task per row, or per block of a row's heads when there are too few rows to keep every
+    // thread busy. Heads are independent, so how they are split never changes a result.
+    let listed = row_query.iter().flatten().count().max(1);
+    let blocks = (2 * rayon::current_num_threads()).div_ceil(listed);
+    let heads_per_task = heads.div_ceil(blocks.clamp(1, heads));
+    let row_width = heads * head_dim;
+    out.par_chunks_mut(row_width)
+        .zip(queries.par_chunks(row_width))
+        .zip(&row_query)
+        .for_each(|((out, query), at)| {
+            let Some((r, i)) = *at else { return };
+            let run = &runs[r];
+            let context = &run.slots[..run.start + i + 1];
+            out.par_chunks_mut(heads_per_task * head_dim)
+                .enumerate()
+                .for_each(|(block, out)| {
+                    let first = block * heads_per_task;
+                    let heads = first..first + out.len() / head_dim;
+                    SCORES.with(|scores| {
+                        let mut scores = scores.borrow_mut();
+                        scores.resize(heads.len() * context.len(), 0.0);
+                        out.fill(0.0);
+                        attend(&cache, query, heads, context, scale, &mut scores, out);
+                    });
+                });
         });
-    Tensor::from_vec(out, (heads, len, head_dim), &Device::Cpu).map(Some)
+    Ok(true)
 }
 
-/// A layer's cache as flat f32 rows (one per slot: kv_heads × head_dim) and one sequence's
-/// slots in it.
+/// A layer's cache as flat f32 rows, one per slot: kv_heads × head_dim.
 struct Cache<'a> {
     keys: &'a [f32],
     values: &'a [f32],
     row: usize,
     head_dim: usize,
     groups: usize,
-    slots: &'a [u32],
 }
 
-impl Cache<'_> {
-    /// Query `i` of `heads` (q: [all heads, len, head_dim]) over the first `context` slots,
-    /// into `out` ([heads, len, head_dim] for these heads only).
-    #[allow(clippy::too_many_arguments)]
+multiversion!(
+    /// One query (`query`: [all heads, head_dim]) through `heads` over the cache slots of
+    /// `context`, into `out` ([those heads, head_dim], zeroed); `scores` is scratch
+    /// ([those heads, context]). Slot-major: each slot's row, holding its heads side by side,
+    /// is read once.
     fn attend(
-        &self,
-        q: &[f32],
-        heads: std::ops::Range<usize>,
-        len: usize,
-        i: usize,
-        context: usize,
+        cache: &Cache,
+        query: &[f32],
+        heads: Range<usize>,
+        context: &[u32],
         scale: f32,
+        scores: &mut [f32],
         out: &mut [f32],
     ) {
-        let hd = self.head_dim;
-        let count = heads.len();
-        let kv_offset = |h: usize| (h / self.groups) * hd;
-        let mut scores = vec![0f32; count * context];
-        for (j, &slot) in self.slots[..context].iter().enumerate() {
-            let keys = &self.keys[slot as usize * self.row..][..self.row];
+        let hd = cache.head_dim;
+        let n = context.len();
+        let kv_offset = |h: usize| (h / cache.groups) * hd;
+        for (j, &slot) in context.iter().enumerate() {
+            let keys = &cache.keys[slot as usize * cache.row..][..cache.row];
             for (k, h) in heads.clone().enumerate() {
-                let query = &q[(h * len + i) * hd..][..hd];
-                scores[k * context + j] = dot(query, &keys[kv_offset(h)..][..hd]) * scale;
+                let q = &query[h * hd..][..hd];
+                scores[k * n + j] = dot_generic(q, &keys[kv_offset(h)..][..hd]) * scale;
             }
         }
-        for weights in scores.chunks_exact_mut(context) {
-            let max = weights.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut total = 0f32;
-            for s in weights.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            for s in weights.iter_mut() {
-                *s /= total;
-            }
-        }
-        for (j, &slot) in self.slots[..context].iter().enumerate() {
-            let values = &self.values[slot as usize * self.row..][..self.row];
+        softmax_rows_generic(scores, n);
+        for (j, &slot) in context.iter().enumerate() {
+            let values = &cache.values[slot as usize * cache.row..][..cache.row];
             for (k, h) in heads.clone().enumerate() {
-                let weight = scores[k * context + j];
-                let output = &mut out[(k * len + i) * hd..][..hd];
-                for (o, v) in output.iter_mut().zip(&values[kv_offset(h)..][..hd]) {
-                    *o += weight * v;
-                }
+                let output = &mut out[k * hd..][..hd];
+                axpy_generic(scores[k * n + j], &values[kv_offset(h)..][..hd], output);
             }
         }
     }
-}
-
-/// Dot product with eight independent sums, so the compiler can vectorise it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut sums = [0f32; 8];
-    let (a_chunks, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b_chunks, b_rest) = b.split_at(a_chunks.len());
-    for (x, y) in a_chunks.chunks_exact(8).zip(b_chunks.chunks_exact(8)) {
-        for k in 0..8 {
-            sums[k] += x[k] * y[k];
-        }
-    }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
-    sums.iter().sum::<f32>() + tail
-}
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The in-place path equals gather + softmax(q·kᵀ)·v on scattered slots, with GQA.
-    #[test]
-    fn matches_gathered_attention() {
-        let dev = Device::Cpu;
-        let (heads, kv_heads, hd, start, len) = (4, 2, 16, 21, 3);
-        let slots: Vec<u32> = (0..(start + len) as u32).map(|p| (p * 7) % 40).collect();
-        let k_cache = Tensor::randn(0f32, 1.0, (40, kv_heads, hd), &dev).unwrap();
-        let v_cache = Tensor::randn(0f32, 1.0, (40, kv_heads, hd), &dev).unwrap();
-        let q = Tensor::randn(0f32, 1.0, (heads, len, hd), &dev).unwrap();
-        let scale = 0.25;
-        let ours = paged_attention_cpu(&q, &k_cache, &v_cache, &slots, start, scale)
-            .unwrap()
-            .unwrap();
-        let index = Tensor::new(slots.as_slice(), &dev).unwrap();
+    /// softmax(q·kᵀ)·v over the gathered context of positions `..start + len`, causal:
+    /// q [len, heads, hd] → [len, heads, hd].
+    fn gathered(
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        slots: &[u32],
+        start: usize,
+        scale: f64,
+    ) -> Tensor {
+        let dev = q.device();
+        let (len, heads, hd) = q.dims3().unwrap();
+        let kv_heads = k_cache.dim(1).unwrap();
+        let index = Tensor::new(slots, dev).unwrap();
         let gather = |c: &Tensor| {
             c.index_select(&index, 0)
                 .unwrap()
@@ -169,8 +181,9 @@ mod tests {
                 .reshape((heads, start + len, hd))
                 .unwrap()
         };
-        let (k, v) = (gather(&k_cache), gather(&v_cache));
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
+        let (k, v) = (gather(k_cache), gather(v_cache));
+        let q = q.transpose(0, 1).unwrap().contiguous().unwrap();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         let mask: Vec<f32> = (0..len)
             .flat_map(|i| {
                 (0..start + len).map(move |j| {
@@ -182,19 +195,95 @@ mod tests {
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (1, len, start + len), &dev).unwrap();
+        let mask = Tensor::from_vec(mask, (1, len, start + len), dev).unwrap();
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
-        let expected = probs.matmul(&v.contiguous().unwrap()).unwrap();
-        let diff: f32 = (ours - expected)
+        probs
+            .matmul(&v.contiguous().unwrap())
             .unwrap()
-            .abs()
+            .transpose(0, 1)
             .unwrap()
-            .max_all()
+    }
+
+    /// Two runs (a chunk of 3 and a decode token) on scattered slots with GQA, around a row
+    /// that belongs to neither and must stay as it was.
+    #[test]
+    fn matches_gathered_attention_and_leaves_other_rows() {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, hd) = (4, 2, 16);
+        let k_cache = Tensor::randn(0f32, 1.0, (60, kv_heads, hd), &dev).unwrap();
+        let v_cache = Tensor::randn(0f32, 1.0, (60, kv_heads, hd), &dev).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (5, heads, hd), &dev).unwrap();
+        let first: Vec<u32> = (0..24).map(|p| (p * 7) % 40).collect();
+        let second: Vec<u32> = (0..10).map(|p| 40 + p * 2 % 20).collect();
+        let runs = [
+            PagedRun {
+                rows: 0..3,
+                start: 21,
+                slots: &first,
+            },
+            PagedRun {
+                rows: 4..5,
+                start: 9,
+                slots: &second,
+            },
+        ];
+        let scale = 0.25;
+        let mut out = vec![7f32; 5 * heads * hd];
+        assert!(paged_attention_cpu(&q, &k_cache, &v_cache, &runs, scale, &mut out).unwrap());
+        let out = Tensor::from_vec(out, (5, heads, hd), &dev).unwrap();
+        for run in &runs {
+            let rows = q.narrow(0, run.rows.start, run.rows.len()).unwrap();
+            let expected = gathered(
+                &rows,
+                &k_cache,
+                &v_cache,
+                run.slots,
+                run.start,
+                scale as f64,
+            );
+            let ours = out.narrow(0, run.rows.start, run.rows.len()).unwrap();
+            let diff: f32 = crate::test_util::max_difference(&ours, &expected);
+            assert!(diff < 1e-5, "max difference {diff}");
+        }
+        let untouched: Vec<f32> = out
+            .get(3)
             .unwrap()
-            .to_scalar()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
             .unwrap();
-        assert!(diff < 1e-5, "max difference {diff}");
+        assert!(untouched.iter().all(|&x| x == 7.0));
+    }
+
+    /// A row gives the same bits whatever else is in the batch and however heads are split.
+    #[test]
+    fn a_row_is_the_same_alone_and_in_a_batch() {
+        let dev = Device::Cpu;
+        let (heads, hd) = (8, 32);
+        let cache = Tensor::randn(0f32, 1.0, (50, heads, hd), &dev).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (12, heads, hd), &dev).unwrap();
+        let slots: Vec<Vec<u32>> = (0..12u32)
+            .map(|r| (0..20 + r).map(|p| (p * 3 + r) % 50).collect())
+            .collect();
+        let runs: Vec<PagedRun> = (0..12)
+            .map(|r| PagedRun {
+                rows: r..r + 1,
+                start: slots[r].len() - 1,
+                slots: &slots[r],
+            })
+            .collect();
+        let mut all = vec![0f32; 12 * heads * hd];
+        assert!(paged_attention_cpu(&q, &cache, &cache, &runs, 0.2, &mut all).unwrap());
+        let one = q.narrow(0, 5, 1).unwrap();
+        let alone_run = [PagedRun {
+            rows: 0..1,
+            start: runs[5].start,
+            slots: runs[5].slots,
+        }];
+        let mut alone = vec![0f32; heads * hd];
+        assert!(paged_attention_cpu(&one, &cache, &cache, &alone_run, 0.2, &mut alone).unwrap());
+        assert_eq!(&all[5 * heads * hd..6 * heads * hd], alone.as_slice());
     }
 
     #[test]
@@ -202,8 +291,12 @@ mod tests {
         let dev = Device::Cpu;
         let cache = Tensor::zeros((4, 1, 8), DType::BF16, &dev).unwrap();
         let q = Tensor::zeros((1, 1, 8), DType::BF16, &dev).unwrap();
-        assert!(paged_attention_cpu(&q, &cache, &cache, &[0], 0, 1.0)
-            .unwrap()
-            .is_none());
+        let runs = [PagedRun {
+            rows: 0..1,
+            start: 0,
+            slots: &[0],
+        }];
+        let mut out = vec![0f32; 8];
+        assert!(!paged_attention_cpu(&q, &cache, &cache, &runs, 1.0, &mut out).unwrap());
     }
 }

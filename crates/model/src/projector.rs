@@ -1,8 +1,9 @@
 //! Pixel shuffle and the `mlp1` projector: ViT patch features → LLM embeddings.
 
 use crate::config::PixelShuffleVersion;
+use crate::linear::{linear, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 /// Folds each `factor`×`factor` neighbourhood of the patch grid into the channels.
 ///
@@ -49,7 +50,8 @@ impl Projector {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.fc1.forward(&self.norm.forward(xs)?)?.gelu_erf()?;
+        let xs = self.fc1.forward(&self.norm.forward(xs)?)?;
+        let xs = crate::gelu::gelu_erf(&xs)?;
         self.fc2.forward(&xs)
     }
 }

@@ -4,8 +4,9 @@
 //! reads the output of layer 44, so the last three are never loaded or run.
 
 use crate::config::{VisionConfig, VisionNorm};
+use crate::linear::{linear, linear_b, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, linear, linear_b, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 
 /// The encoder's normalisation: RMSNorm in V1.1, LayerNorm in other InternViT releases.
 #[derive(Debug, Clone)]
@@ -128,13 +129,18 @@ impl VisionAttention {
                 crate::cuda_kernels::flash_attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, false)?;
             return self.proj.forward(&out.reshape((b, n, c))?);
         }
+        let scale = (self.head_dim as f64).powf(-0.5);
+        if let Some(out) =
+            crate::dense_attention::dense_attention_cpu(&q, &k, &v, self.num_heads, scale as f32)?
+        {
+            return self.proj.forward(&out);
+        }
         let heads = |t: Tensor| {
             t.reshape((b, n, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
         let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
-        let scale = (self.head_dim as f64).powf(-0.5);
         let scores = (q * scale)?.matmul(&k.t()?)?;
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
@@ -159,7 +165,8 @@ impl VisionMlp {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(xs)?.gelu_erf()?)
+        self.fc2
+            .forward(&crate::gelu::gelu_erf(&self.fc1.forward(xs)?)?)
     }
 }
 
