@@ -7,7 +7,7 @@ use crate::cuda_kernels::{
     flash_attention, flash_attention_into, paged_attention_into, DevicePagedQueries,
 };
 use crate::kv_cache::SequenceSlice;
-use crate::paged_attention::paged_attention_cpu;
+use crate::paged_attention::{paged_attention_cpu, PagedRun};
 use crate::paged_plan::PagedQueries;
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use std::time::Instant;
@@ -146,21 +146,28 @@ fn check_paged(
     let on_device = DevicePagedQueries::new(&plan, device)?;
     paged_attention_into(&out, &q, &k, &v, &on_device, block_size, scale)?;
 
-    let mut want = vec![Tensor::full(f32::NAN, (1, heads, head_dim), &Device::Cpu)?];
+    let slots = slices
+        .iter()
+        .map(|slice| slice.slots(slice.start + slice.len, block_size))
+        .collect::<Result<Vec<_>>>()?;
     let mut row = 1;
-    for slice in &slices {
-        let end = slice.start + slice.len;
-        let slots = slice.slots(end, block_size)?;
-        let q_seq = q_ref
-            .narrow(0, row, slice.len)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let reference = paged_attention_cpu(&q_seq, &k_ref, &v_ref, &slots, slice.start, scale)?
-            .ok_or_else(|| candle_core::Error::Msg("no CPU reference for this shape".into()))?;
-        want.push(reference.transpose(0, 1)?);
-        row += slice.len;
+    let runs: Vec<PagedRun> = slices
+        .iter()
+        .zip(&slots)
+        .map(|(slice, slots)| {
+            row += slice.len;
+            PagedRun {
+                rows: row - slice.len..row,
+                start: slice.start,
+                slots,
+            }
+        })
+        .collect();
+    let mut want = vec![f32::NAN; rows * heads * head_dim];
+    if !paged_attention_cpu(&q_ref, &k_ref, &v_ref, &runs, scale, &mut want)? {
+        candle_core::bail!("no CPU reference for this shape");
     }
-    let want = Tensor::cat(&want, 0)?;
+    let want = Tensor::from_vec(want, (rows, heads, head_dim), &Device::Cpu)?;
     let out_cpu = out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let untouched = out_cpu
         .i(0)?
