@@ -109,6 +109,21 @@ pub(crate) fn axpy_generic(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Asks the CPU to start loading `data` into cache: for rows that are read next but lie in
+/// another page, where the hardware prefetcher does not follow.
+#[inline(always)]
+pub(crate) fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        // SAFETY: a prefetch is a hint; the address is inside `data`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+}
+
 /// `e^x` within 2 ulp for x ≤ 88 (Cephes' single-precision reduction and polynomial): 0 below
 /// the smallest normal result, +∞ above 88 (the callers only pass x ≤ 0), NaN for NaN.
 #[inline(always)]
