@@ -6,10 +6,10 @@
 
 pub mod config;
 mod cpu_math;
+mod cpu_ops;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernels;
 mod dense_attention;
-mod gelu;
 #[cfg(feature = "cuda")]
 pub mod kernel_check;
 pub mod kv_cache;

@@ -267,7 +267,7 @@ impl Attention {
             Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = crate::cpu_ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         probs.matmul(&v) // [heads, len, hd]
     }
 

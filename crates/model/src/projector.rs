@@ -51,7 +51,7 @@ impl Projector {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = self.fc1.forward(&self.norm.forward(xs)?)?;
-        let xs = crate::gelu::gelu_erf(&xs)?;
+        let xs = crate::cpu_ops::gelu_erf(&xs)?;
         self.fc2.forward(&xs)
     }
 }

@@ -166,7 +166,7 @@ impl VisionMlp {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.fc2
-            .forward(&crate::gelu::gelu_erf(&self.fc1.forward(xs)?)?)
+            .forward(&crate::cpu_ops::gelu_erf(&self.fc1.forward(xs)?)?)
     }
 }
 
