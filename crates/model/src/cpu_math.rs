@@ -53,6 +53,14 @@ multiversion!(
         }
     }
 );
+multiversion!(
+    /// `out = silu(gate) · up`, silu(x) = x / (1 + e^−x): LLaMA's gated MLP activation.
+    pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + exp(-g)) * u;
+        }
+    }
+);
 pub(crate) use multiversion;
 
 const LANES: usize = 16;
@@ -227,6 +235,26 @@ mod tests {
             let bound = 1e-7 + 2.5e-7 * (x as f64 * 2.5e-3).abs();
             assert!((*ours as f64 - exact).abs() < bound, "{ours} vs {exact}");
         }
+    }
+
+    #[test]
+    fn silu_mul_matches_f64() {
+        let gate: Vec<f32> = (-2000..2000).map(|i| i as f32 * 0.05).collect();
+        let up: Vec<f32> = gate.iter().map(|g| (g * 0.3).cos()).collect();
+        let mut out = vec![0f32; gate.len()];
+        silu_mul(&gate, &up, &mut out);
+        for ((o, g), u) in out.iter().zip(&gate).zip(&up) {
+            let (g, u) = (*g as f64, *u as f64);
+            let exact = g / (1.0 + (-g).exp()) * u;
+            assert!(
+                (*o as f64 - exact).abs() <= 4e-7 * exact.abs() + 1e-30,
+                "{o} vs {exact}"
+            );
+        }
+        let mut edge = [0f32; 3];
+        silu_mul(&[-200.0, 200.0, f32::NAN], &[1.0, 1.0, 1.0], &mut edge);
+        assert_eq!(&edge[..2], &[-0.0, 200.0]);
+        assert!(edge[2].is_nan());
     }
 
     #[test]

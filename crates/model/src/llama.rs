@@ -335,7 +335,6 @@ struct Mlp {
     /// gate_proj and up_proj stacked: one matmul gives [tokens, 2 · intermediate].
     gate_up_proj: Linear,
     down_proj: Linear,
-    intermediate: usize,
 }
 
 impl Mlp {
@@ -348,15 +347,12 @@ impl Mlp {
                 None,
             )?,
             down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
-            intermediate: i,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(xs)?;
-        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.intermediate)?)?;
-        let up = gate_up.narrow(1, self.intermediate, self.intermediate)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&crate::cpu_ops::silu_mul(&gate_up)?)
     }
 }
 
