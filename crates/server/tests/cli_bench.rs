@@ -55,6 +55,13 @@ fn bench_reports_levels_ttft_and_vit_as_json() {
 
     let levels = report["levels"].as_array().unwrap();
     assert_eq!(levels.len(), 2);
+    let aggregate = |i: usize| levels[i]["aggregate_tok_s"].as_f64().unwrap();
+    assert_eq!(levels[0]["aggregate_vs_single_stream"], 1.0);
+    let ratio = levels[1]["aggregate_vs_single_stream"].as_f64().unwrap();
+    assert!(
+        (ratio - aggregate(1) / aggregate(0)).abs() < 2e-3,
+        "{ratio}"
+    );
     for (level, concurrency) in levels.iter().zip([1, 3]) {
         assert_eq!(level["concurrency"], concurrency);
         assert_eq!(level["text_tokens"], 40, "the question is sized exactly");

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// What each reported number means; also written to the JSON.
-const DEFINITIONS: [(&str, &str); 5] = [
+const DEFINITIONS: [(&str, &str); 6] = [
     (
         "decode_tok_s",
         "steady-state decode rate of a level: tokens emitted while every chat of the level was \
@@ -45,6 +45,11 @@ const DEFINITIONS: [(&str, &str); 5] = [
         "aggregate_tok_s",
         "all generated tokens of a level divided by the wall time from the first submission to \
          the last token (vision encoder and prefill included)",
+    ),
+    (
+        "aggregate_vs_single_stream",
+        "a level's aggregate tok/s divided by that of the single-chat level of the same run \
+         (levels measured before it have none)",
     ),
     (
         "ttft",
@@ -161,6 +166,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         images,
         next_hash: 0,
         memory,
+        single_stream: None,
         report: json!({
             "engine": "internvl",
             "version": concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("INTERNVL_GIT_COMMIT"), ")"),
@@ -228,10 +234,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect();
     if !levels.is_empty() {
         println!(
-            "| concurrency | decode tok/s (all decoding) | aggregate tok/s | TTFT p50 (ms) | \
-             TTFT p99 (ms) | wall (s) | peak GPU MiB |"
+            "| concurrency | decode tok/s (all decoding) | aggregate tok/s | × single stream | \
+             TTFT p50 (ms) | TTFT p99 (ms) | wall (s) | peak GPU MiB |"
         );
-        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     }
     for concurrency in levels {
         let result = bench.level(&prompt, concurrency).unwrap_or_else(|e| {

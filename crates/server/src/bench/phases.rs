@@ -48,6 +48,8 @@ pub(super) struct Bench<'a> {
     pub(super) next_hash: u64,
     pub(super) memory: Option<MemorySampler>,
     pub(super) report: Value,
+    /// Aggregate tok/s of the single-chat level, once measured: what later levels compare to.
+    pub(super) single_stream: Option<f64>,
 }
 
 impl Bench<'_> {
@@ -298,6 +300,10 @@ impl Bench<'_> {
         itl.sort_by(f64::total_cmp);
         let total = concurrency * max_tokens;
         let aggregate = total as f64 / wall;
+        if concurrency == 1 {
+            self.single_stream = Some(aggregate);
+        }
+        let vs_single = self.single_stream.map(|single| aggregate / single);
         let decode = window.as_ref().map(|w| w.tokens as f64 / (w.end - w.start));
         let peak = self.memory.as_ref().map(|m| m.peak());
         let show = |v: Option<f64>, digits: usize| match v {
@@ -305,8 +311,9 @@ impl Bench<'_> {
             None => "-".into(),
         };
         println!(
-            "| {concurrency} | {} | {aggregate:.1} | {:.0} | {:.0} | {wall:.1} | {} |",
+            "| {concurrency} | {} | {aggregate:.1} | {} | {:.0} | {:.0} | {wall:.1} | {} |",
             show(decode, 1),
+            show(vs_single, 2),
             percentile(&ttfts, 0.5) * 1e3,
             percentile(&ttfts, 0.99) * 1e3,
             peak.map_or("-".into(), |p| mib(p).to_string()),
@@ -329,6 +336,7 @@ impl Bench<'_> {
             "output_tokens": total,
             "wall_s": round(wall, 3),
             "aggregate_tok_s": round(aggregate, 2),
+            "aggregate_vs_single_stream": vs_single.map(|r| round(r, 3)),
             "decode_tok_s": decode.map(|d| round(d, 2)),
             "decode_window_s": window.as_ref().map(|w| round(w.end - w.start, 3)),
             "decode_window_tokens": window.as_ref().map(|w| w.tokens),
