@@ -48,12 +48,7 @@ impl CustomOp1 for SiluMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("silu-mul-vectorised: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("silu-mul-vectorised: the input is not contiguous");
-        };
+        let data = input_f32(self.name(), storage, layout)?;
         let (rows, double) = layout.shape().dims2()?;
         if double % 2 != 0 {
             candle_core::bail!("silu-mul-vectorised: odd width {double}");
@@ -61,19 +56,19 @@ impl CustomOp1 for SiluMul {
         let width = double / 2;
         let mut out = vec![0f32; rows * width];
         out.par_chunks_mut(width)
-            .zip(data[start..end].par_chunks(double))
+            .zip(data.par_chunks(double))
             .for_each(|(out, row)| cpu_math::silu_mul(&row[..width], &row[width..], out));
         Ok((CpuStorage::F32(out), Shape::from((rows, width))))
     }
 }
 
-/// The input's elements as one owned contiguous vector.
-fn owned_f32(op: &str, storage: &CpuStorage, layout: &Layout) -> Result<Vec<f32>> {
+/// The input's elements, in order: the ops above only take contiguous f32.
+fn input_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         candle_core::bail!("{op}: f32 only");
     };
     match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(data[start..end].to_vec()),
+        Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: the input is not contiguous"),
     }
 }
@@ -86,7 +81,7 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut out = owned_f32(self.name(), storage, layout)?;
+        let mut out = input_f32(self.name(), storage, layout)?.to_vec();
         let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let rows_per_task = CHUNK.div_ceil(width).max(1);
         out.par_chunks_mut(rows_per_task * width)
@@ -103,7 +98,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut out = owned_f32(self.name(), storage, layout)?;
+        let mut out = input_f32(self.name(), storage, layout)?.to_vec();
         out.par_chunks_mut(CHUNK).for_each(cpu_math::gelu_erf);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -120,8 +115,7 @@ mod tests {
     fn matches_candles_gelu() {
         let x = Tensor::randn(0f32, 3.0, (64, 300), &Device::Cpu).unwrap();
         let x = x.t().unwrap();
-        let diff: f32 =
-            crate::test_util::max_difference(&gelu_erf(&x).unwrap(), &x.gelu_erf().unwrap());
+        let diff = max_difference(&gelu_erf(&x).unwrap(), &x.gelu_erf().unwrap());
         assert!(diff < 5e-6, "max difference {diff}");
     }
 

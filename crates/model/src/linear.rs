@@ -6,6 +6,7 @@
 //! [in, out] rows. So on the CPU each weight is transposed once, at load; elsewhere (cuBLAS
 //! reads either layout at full speed) it stays as loaded.
 
+use crate::random_weights::is_stand_in;
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -20,9 +21,7 @@ pub struct Linear {
 impl Linear {
     /// `weight` [out, in] as in the checkpoint; `bias` [out].
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        // Weights with no memory of their own (the zero-strided stand-ins
-        // [`crate::count_parameters`] builds the model from) are not materialised.
-        let stand_in = weight.stride().iter().all(|&s| s == 0);
+        let stand_in = is_stand_in(&weight);
         let in_out = weight.device().is_cpu();
         let weight = match (in_out, stand_in) {
             (true, false) => weight.t()?.contiguous()?,
@@ -111,7 +110,7 @@ mod tests {
             .broadcast_as((4096, 1024))
             .unwrap();
         let layer = Linear::new(stand_in, None).unwrap();
-        assert!(layer.weight.stride().iter().all(|&s| s == 0));
+        assert!(is_stand_in(&layer.weight));
         assert_eq!(layer.weight.dims(), &[1024, 4096]);
     }
 }

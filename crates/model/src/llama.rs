@@ -8,6 +8,7 @@ use crate::config::LlmConfig;
 use crate::kv_cache::{PagedKvCache, SequenceSlice};
 use crate::linear::{linear_no_bias, Linear};
 use crate::paged_attention::{paged_attention_cpu, PagedRun};
+use crate::random_weights::is_stand_in;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
@@ -52,10 +53,9 @@ impl Rotary {
 
 /// `parts` (each [rows_i, cols]) stacked into one [Σ rows_i, cols] weight, so projections that
 /// read the same input run as one matmul: fewer, larger GEMMs (on the GPU, fewer launches).
-/// Weights with no memory of their own (the zero-strided stand-ins [`crate::count_parameters`]
-/// builds the model from) stay so, rather than being materialised.
+/// Stand-ins ([`is_stand_in`]) stay views.
 fn stack_rows(parts: &[Tensor]) -> Result<Tensor> {
-    if parts.iter().all(|p| p.stride().iter().all(|&s| s == 0)) {
+    if parts.iter().all(is_stand_in) {
         let rows = parts.iter().map(|p| p.dim(0)).sum::<Result<usize>>()?;
         let cols = parts[0].dim(1)?;
         return Tensor::zeros((), parts[0].dtype(), parts[0].device())?.broadcast_as((rows, cols));
@@ -533,6 +533,6 @@ mod tests {
         };
         let stacked = stack_rows(&[stand_in(4096), stand_in(1024)]).unwrap();
         assert_eq!(stacked.dims(), [5120, 4096]);
-        assert!(stacked.stride().iter().all(|&s| s == 0));
+        assert!(is_stand_in(&stacked));
     }
 }

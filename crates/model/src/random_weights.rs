@@ -68,6 +68,13 @@ impl fmt::Display for ParamCount {
     }
 }
 
+/// Whether `t` is one of the zero-strided stand-ins [`count_parameters`] builds the model
+/// from: a shape with no memory of its own, which layers must keep a view rather than
+/// materialise (a copy of it would allocate the whole weight).
+pub(crate) fn is_stand_in(t: &Tensor) -> bool {
+    t.stride().iter().all(|&s| s == 0)
+}
+
 /// Builds the model `config` describes with random weights on `device`, computing in `dtype`.
 ///
 /// The same `seed` gives the same weights on the same kind of device (the CPU and CUDA draw
