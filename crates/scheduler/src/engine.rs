@@ -36,6 +36,8 @@ impl RequestStream {
 pub struct Engine<P> {
     commands: Option<Sender<Command<P>>>,
     config: EngineConfig,
+    /// The runner's logits width, for validating requests at submission.
+    vocab_size: usize,
     stats: Arc<Mutex<EngineStats>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -48,6 +50,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
         decoder: Arc<dyn TokenDecoder>,
     ) -> Result<Self, String> {
         config.validate()?;
+        let vocab_size = runner.vocab_size();
         let (tx, rx) = channel::<Command<P>>();
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let shared = stats.clone();
@@ -89,6 +92,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
         Ok(Self {
             commands: Some(tx),
             config,
+            vocab_size,
             stats,
             thread: Some(thread),
         })
@@ -96,7 +100,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
 
     /// Queues a request, or refuses it at once if it could never complete.
     pub fn submit(&self, request: Request<P>) -> Result<RequestStream, SubmitError> {
-        validate(&self.config, &request)?;
+        validate(&self.config, self.vocab_size, &request)?;
         let (tx, rx) = unbounded_channel();
         self.commands
             .as_ref()

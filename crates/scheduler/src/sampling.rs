@@ -158,6 +158,27 @@ pub enum SamplingError {
     NoCandidates,
 }
 
+impl SamplingError {
+    /// The OpenAI/vLLM request field a settings error is about; `None` for errors of the
+    /// logits (the model's, not the client's).
+    pub fn param(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::Temperature(_) => "temperature",
+            Self::TopP(_) => "top_p",
+            Self::MinP(_) => "min_p",
+            Self::PresencePenalty(_) => "presence_penalty",
+            Self::FrequencyPenalty(_) => "frequency_penalty",
+            Self::RepetitionPenalty(_) => "repetition_penalty",
+            Self::LogitBias { .. } | Self::LogitBiasToken { .. } => "logit_bias",
+            Self::TopLogprobs(_) => "top_logprobs",
+            Self::EmptyVocab
+            | Self::LogitsLen { .. }
+            | Self::TokenOutOfRange { .. }
+            | Self::NoCandidates => return None,
+        })
+    }
+}
+
 /// One chosen token.
 ///
 /// The logprobs are the log-softmax of the logits after penalties, logit bias and banned

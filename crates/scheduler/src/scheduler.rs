@@ -13,10 +13,10 @@ use crate::detokenizer::{Detokenizer, TokenDecoder};
 use crate::encoder_cache::EncoderCache;
 use crate::request::{Event, Request, RequestId, Usage};
 use crate::runner::{ForwardSeq, ModelRunner, RunnerError};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::sequence::{Fork, SeqImage, Sequence};
 use crate::stats::EngineStats;
-use crate::stop::{FinishReason, StopChecker, StopReason};
+use crate::stop::{FinishReason, StopChecker, StopError, StopReason};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,8 +41,10 @@ pub enum SubmitError {
     CacheTooSmall { needed: usize, total: usize },
     #[error("image {0} does not lie within the prompt, in order and without overlap")]
     BadImage(usize),
-    #[error("{0}")]
-    InvalidParams(String),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Stop(#[from] StopError),
     #[error("n must be between 1 and {MAX_N}, got {0}")]
     BadN(usize),
     #[error("the engine has stopped")]
@@ -52,8 +54,14 @@ pub enum SubmitError {
 /// Most completions one request may ask for.
 pub const MAX_N: usize = 128;
 
-/// Checks that a request could ever complete; what the engine refuses at once.
-pub fn validate<P>(config: &EngineConfig, request: &Request<P>) -> Result<(), SubmitError> {
+/// Checks that a request could ever complete, for a model whose logits have `vocab_size`
+/// entries: every rule a request must pass, in one place. [`crate::Engine::submit`] runs it
+/// before queueing, so every invalid request is refused at once, never after it started.
+pub fn validate<P>(
+    config: &EngineConfig,
+    vocab_size: usize,
+    request: &Request<P>,
+) -> Result<(), SubmitError> {
     let prompt = request.prompt.len();
     if prompt == 0 {
         return Err(SubmitError::EmptyPrompt);
@@ -65,14 +73,18 @@ pub fn validate<P>(config: &EngineConfig, request: &Request<P>) -> Result<(), Su
     if max_tokens == 0 {
         return Err(SubmitError::NoTokens);
     }
-    if prompt + max_tokens > config.max_model_len {
-        return Err(SubmitError::TooLong {
+    request.sampling.validate(vocab_size)?;
+    request.stop.validate(vocab_size)?;
+    // Checked: `max_tokens` comes from the client and may be anything up to usize::MAX.
+    let total = prompt
+        .checked_add(max_tokens)
+        .filter(|&total| total <= config.max_model_len)
+        .ok_or(SubmitError::TooLong {
             prompt,
             max_tokens,
             max_model_len: config.max_model_len,
-        });
-    }
-    let needed = (prompt + max_tokens).div_ceil(config.block_size);
+        })?;
+    let needed = total.div_ceil(config.block_size);
     if needed > config.num_blocks {
         return Err(SubmitError::CacheTooSmall {
             needed,
@@ -131,17 +143,16 @@ impl<R: ModelRunner> Scheduler<R> {
         request: Request<R::Pixels>,
         events: UnboundedSender<Event>,
     ) -> Result<RequestId, SubmitError> {
-        validate(&self.config, &request)?;
         let vocab = self.runner.vocab_size();
-        let invalid = |e: &dyn std::fmt::Display| SubmitError::InvalidParams(e.to_string());
+        validate(&self.config, vocab, &request)?;
         let fork = (request.n > 1).then(|| Fork {
             n: request.n,
             sampling: request.sampling.clone(),
             stop: request.stop.clone(),
             skip_special_tokens: request.skip_special_tokens,
         });
-        let sampler = Sampler::new(request.sampling, vocab).map_err(|e| invalid(&e))?;
-        let stop = StopChecker::new(request.stop, vocab).map_err(|e| invalid(&e))?;
+        let sampler = Sampler::new(request.sampling, vocab)?;
+        let stop = StopChecker::new(request.stop, vocab)?;
         let detokenizer = Detokenizer::new(self.decoder.clone(), request.skip_special_tokens);
         let id = self.next_id;
         self.next_id += 1;

@@ -73,6 +73,37 @@ impl Default for StopParams {
     }
 }
 
+impl StopParams {
+    /// Checks the settings against a model whose logits have `vocab_size` entries: the one
+    /// definition of what is valid, run when a request is submitted and by
+    /// [`StopChecker::new`].
+    pub fn validate(&self, vocab_size: usize) -> Result<(), StopError> {
+        if self.max_tokens == 0 {
+            return Err(StopError::MaxTokens);
+        }
+        if self.min_tokens > self.max_tokens {
+            return Err(StopError::MinTokens {
+                min_tokens: self.min_tokens,
+                max_tokens: self.max_tokens,
+            });
+        }
+        if self.stop_strings.iter().any(String::is_empty) {
+            return Err(StopError::EmptyStopString);
+        }
+        let eos = self.eos_token_id.filter(|_| !self.ignore_eos);
+        if let Some(token) = self
+            .stop_token_ids
+            .iter()
+            .copied()
+            .chain(eos)
+            .find(|&t| t as usize >= vocab_size)
+        {
+            return Err(StopError::TokenOutOfRange { token, vocab_size });
+        }
+        Ok(())
+    }
+}
+
 /// Invalid stop settings.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StopError {
@@ -87,6 +118,18 @@ pub enum StopError {
     EmptyStopString,
     #[error("stop token {token} is outside the vocabulary of {vocab_size} tokens")]
     TokenOutOfRange { token: u32, vocab_size: usize },
+}
+
+impl StopError {
+    /// The request field the error is about.
+    pub fn param(&self) -> &'static str {
+        match self {
+            Self::MaxTokens => "max_tokens",
+            Self::MinTokens { .. } => "min_tokens",
+            Self::EmptyStopString => "stop",
+            Self::TokenOutOfRange { .. } => "stop_token_ids",
+        }
+    }
 }
 
 /// The outcome of one token.
@@ -119,23 +162,9 @@ impl StopChecker {
     /// A checker for a model whose logits have `vocab_size` entries (to reject impossible stop
     /// token ids up front).
     pub fn new(params: StopParams, vocab_size: usize) -> Result<Self, StopError> {
-        if params.max_tokens == 0 {
-            return Err(StopError::MaxTokens);
-        }
-        if params.min_tokens > params.max_tokens {
-            return Err(StopError::MinTokens {
-                min_tokens: params.min_tokens,
-                max_tokens: params.max_tokens,
-            });
-        }
-        if params.stop_strings.iter().any(String::is_empty) {
-            return Err(StopError::EmptyStopString);
-        }
+        params.validate(vocab_size)?;
         let eos = params.eos_token_id.filter(|_| !params.ignore_eos);
         let mut stop_ids: Vec<u32> = params.stop_token_ids.iter().copied().chain(eos).collect();
-        if let Some(&token) = stop_ids.iter().find(|&&t| t as usize >= vocab_size) {
-            return Err(StopError::TokenOutOfRange { token, vocab_size });
-        }
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let longest_stop = params

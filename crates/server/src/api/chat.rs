@@ -103,6 +103,11 @@ fn submit_error(e: SubmitError) -> ApiError {
             ApiError::invalid("messages", e.to_string())
         }
         SubmitError::BadN(_) => ApiError::invalid("n", e.to_string()),
+        SubmitError::Sampling(ref s) => match s.param() {
+            Some(param) => ApiError::invalid(param, e.to_string()),
+            None => ApiError::bad_request(e.to_string()),
+        },
+        SubmitError::Stop(ref s) => ApiError::invalid(s.param(), e.to_string()),
         other => ApiError::bad_request(other.to_string()),
     }
 }
