@@ -25,7 +25,7 @@ use tokio::sync::mpsc::UnboundedSender;
 type Seq<R> = Sequence<<R as ModelRunner>::Pixels, <R as ModelRunner>::ImageEmbeds>;
 
 /// Why a request was refused before it started.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SubmitError {
     #[error("the prompt is empty")]
     EmptyPrompt,
