@@ -24,6 +24,21 @@ pub enum PreprocessError {
         height: u64,
         max: u64,
     },
+    /// Raised from the header alone: resizing costs time and memory in proportion to the
+    /// image with each side raised to at least the output side (`padded`), so an image that is
+    /// small in pixels but extremely narrow or flat is as costly as a huge one.
+    #[error(
+        "{format} image is {width}x{height} pixels, too narrow or flat to resize to \
+         {size}x{size}: that costs as much as {padded} pixels, more than the limit of {max}"
+    )]
+    TooCostlyToResize {
+        format: ImageFormat,
+        width: u64,
+        height: u64,
+        size: u32,
+        padded: u64,
+        max: u64,
+    },
     #[error("{format} data is corrupt or truncated: {reason}")]
     Corrupt { format: ImageFormat, reason: String },
 }

@@ -9,11 +9,13 @@
 //!
 //! Tensor libraries stay out of this module: the output is a plain CHW `Vec<f32>`.
 
+mod budget;
 mod decode;
 mod error;
 mod normalize;
 mod resize;
 
+pub use budget::peak_bytes_bound;
 pub use decode::{decode_rgb, DecodeLimits, ImageFormat};
 pub use error::PreprocessError;
 pub use image::RgbImage;
@@ -60,9 +62,15 @@ pub struct PixelValues {
 
 /// Decodes `bytes` (PNG, JPEG, GIF, BMP or WebP) and returns what upstream's transform made of
 /// the same file.
+///
+/// The header is checked against `config.limits` for the decode and for the resize before
+/// anything the size of the image is allocated; [`peak_bytes_bound`] states the most memory
+/// this takes.
 pub fn preprocess(bytes: &[u8], config: &PreprocessConfig) -> Result<PixelValues, PreprocessError> {
-    let decoded = decode_rgb(bytes, &config.limits)?;
+    let decoded = decode::decode_for_resize(bytes, &config.limits, config.image_size)?;
     let resized = resize_bicubic(&decoded, config.image_size, config.image_size);
+    // The source goes before the normalised copy is made.
+    drop(decoded);
     Ok(PixelValues {
         data: normalize_chw(&resized, config.mean, config.std),
         height: resized.height(),

@@ -6,18 +6,18 @@ use std::io::Cursor;
 use image::codecs::bmp::BmpDecoder;
 use image::RgbImage;
 
-use super::{check_size, corrupt, decode_with_image, DecodeLimits, ImageFormat};
+use super::{corrupt, decode_with_image, ImageFormat, SizeCheck};
 use crate::preprocess::PreprocessError;
 
 const FORMAT: ImageFormat = ImageFormat::Bmp;
 
-pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+pub(super) fn decode(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, PreprocessError> {
     // `image` refuses sides over 65535 as malformed; checking first reports them as too big.
     if let Some((width, height)) = header_size(bytes) {
-        check_size(FORMAT, width, height, limits)?;
+        check.pixels(FORMAT, width, height)?;
     }
     let decoder = BmpDecoder::new(Cursor::new(bytes)).map_err(|e| corrupt(FORMAT, e))?;
-    let mut image = decode_with_image(FORMAT, decoder, limits)?;
+    let mut image = decode_with_image(FORMAT, decoder, check)?;
     if let Some(bits) = sixteen_bit_layout(bytes)? {
         for px in image.pixels_mut() {
             for (v, &b) in px.0.iter_mut().zip(&bits) {

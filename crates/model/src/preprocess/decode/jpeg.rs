@@ -12,7 +12,7 @@ use std::ffi::{c_int, CStr};
 use image::RgbImage;
 use turbojpeg_sys as tj;
 
-use super::{check_size, corrupt, rgb_image, DecodeLimits, ImageFormat};
+use super::{corrupt, rgb_image, to_rgb, ImageFormat, SizeCheck};
 use crate::preprocess::PreprocessError;
 
 const FORMAT: ImageFormat = ImageFormat::Jpeg;
@@ -21,9 +21,22 @@ const FORMAT: ImageFormat = ImageFormat::Jpeg;
 /// uses to make decoding take minutes (libjpeg-turbo's own advice for untrusted input).
 const MAX_SCANS: c_int = 500;
 
-pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+/// What libjpeg-turbo may hold per pixel in whole-image buffers: progressive (and
+/// multi-scan) files keep every DCT coefficient until the last scan, 2 bytes each, 64 per 8×8
+/// block per component, so 8 bytes per pixel for four full-resolution components (CMYK 4:4:4,
+/// the most a real file has). Its other buffers span a few rows.
+pub(crate) const COEFFICIENT_BYTES_PER_PIXEL: u64 = 8;
+
+pub(super) fn decode(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, PreprocessError> {
     let mut decompressor = Decompressor::new()?;
     decompressor.set(tj::TJPARAM_TJPARAM_SCANLIMIT, MAX_SCANS)?;
+    // libjpeg-turbo allocates its coefficient buffers itself, out of sight of the header
+    // check: cap them so that a file with more components or sampling tricks than a real one
+    // fails instead (libjpeg reports it cannot fit them, having no backing store).
+    decompressor.set(
+        tj::TJPARAM_TJPARAM_MAXMEMORY,
+        coefficient_megabytes(check.limits.max_pixels),
+    )?;
     decompressor.read_header(bytes)?;
     let width = decompressor.get(tj::TJPARAM_TJPARAM_JPEGWIDTH);
     let height = decompressor.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT);
@@ -31,7 +44,7 @@ pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Pr
         (Ok(w), Ok(h)) => (w, h),
         _ => return Err(corrupt(FORMAT, "header gives no size")),
     };
-    let pixels = check_size(FORMAT, width.into(), height.into(), limits)?;
+    let pixels = check.pixels(FORMAT, width.into(), height.into())?;
     if ends_before_eoi(bytes) {
         return Err(corrupt(FORMAT, "file ends before the end-of-image marker"));
     }
@@ -48,7 +61,7 @@ pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Pr
     };
     let mut samples = vec![0u8; pixels * channels];
     decompressor.decompress(bytes, &mut samples, width as usize * channels, format)?;
-    let rgb = if cmyk { cmyk_to_rgb(&samples) } else { samples };
+    let rgb = if cmyk { cmyk_to_rgb(samples) } else { samples };
     Ok(rgb_image(width, height, rgb))
 }
 
@@ -162,14 +175,18 @@ fn next_marker(bytes: &[u8], from: usize) -> Option<usize> {
 /// Pillow's JPEG "CMYK;I" unpacking (Adobe files store inverted ink) followed by its
 /// `cmyk2rgb`: `channel = (255 - k) - c * (255 - k) / 255`, the division being Pillow's
 /// rounding `MULDIV255`. Written over the raw samples: c = 255 - raw_c, 255 - k = raw_k.
-fn cmyk_to_rgb(samples: &[u8]) -> Vec<u8> {
-    samples
-        .chunks_exact(4)
-        .flat_map(|px| {
-            let nk = u32::from(px[3]);
-            [0, 1, 2].map(|i| (nk - muldiv255(255 - u32::from(px[i]), nk)) as u8)
-        })
-        .collect()
+fn cmyk_to_rgb(samples: Vec<u8>) -> Vec<u8> {
+    to_rgb(samples, 4, |px| {
+        let nk = u32::from(px[3]);
+        [0, 1, 2].map(|i| (nk - muldiv255(255 - u32::from(px[i]), nk)) as u8)
+    })
+}
+
+/// [`COEFFICIENT_BYTES_PER_PIXEL`] for `max_pixels`, in TurboJPEG's unit (whole megabytes,
+/// rounded up), at least 1 (0 would mean no limit).
+fn coefficient_megabytes(max_pixels: u64) -> c_int {
+    let bytes = max_pixels.saturating_mul(COEFFICIENT_BYTES_PER_PIXEL);
+    c_int::try_from(bytes.div_ceil(1 << 20).max(1)).unwrap_or(c_int::MAX)
 }
 
 /// Pillow's `MULDIV255`: `a * b / 255` rounded, for `a, b` in 0..=255.

@@ -15,6 +15,12 @@ use std::fmt;
 use image::RgbImage;
 
 use super::PreprocessError;
+pub(crate) use jpeg::COEFFICIENT_BYTES_PER_PIXEL as JPEG_COEFFICIENT_BYTES_PER_PIXEL;
+pub(crate) use png::METADATA_BYTES as PNG_METADATA_BYTES;
+
+/// The smallest output side a resize is costed at: below it, the tap tables and per-row work
+/// of a very long side would dominate whatever the output size.
+const MIN_COSTED_SIDE: u32 = 64;
 
 /// The formats accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,16 +48,18 @@ impl fmt::Display for ImageFormat {
 /// make the server allocate gigabytes (a decompression bomb).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodeLimits {
-    /// Most pixels (width × height, from the header) an image may have. Peak memory while
-    /// decoding is a few bytes per pixel: up to 8 for a 16-bit RGBA PNG, plus 3 for the result.
+    /// Most pixels (width × height, from the header) an image may have. When the image is to
+    /// be resized, the same budget also bounds the resize: see
+    /// [`PreprocessError::TooCostlyToResize`]. Peak memory is a fixed multiple of this, stated
+    /// by [`peak_bytes_bound`](crate::preprocess::peak_bytes_bound).
     pub max_pixels: u64,
     /// Most bytes of encoded data accepted.
     pub max_bytes: usize,
 }
 
 impl Default for DecodeLimits {
-    /// 50 megapixels (more than phones send by default; peak memory stays under ~600 MB) and
-    /// 64 MiB of data. Pillow's own guard is looser: it refuses from 179 megapixels.
+    /// 50 megapixels (more than phones send by default) and 64 MiB of data. Pillow's own guard
+    /// is looser: it refuses from 179 megapixels.
     fn default() -> Self {
         Self {
             max_pixels: 50_000_000,
@@ -62,6 +70,34 @@ impl Default for DecodeLimits {
 
 /// Decodes `bytes` to RGB, as Pillow would, after checking `limits`.
 pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+    decode_checked(
+        bytes,
+        SizeCheck {
+            limits,
+            resize_to: None,
+        },
+    )
+}
+
+/// [`decode_rgb`] for an image about to be resized to `size`×`size`: the header is also
+/// checked against the cost of that resize, so that an image refused for it is refused before
+/// it is decoded.
+pub(crate) fn decode_for_resize(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    size: u32,
+) -> Result<RgbImage, PreprocessError> {
+    decode_checked(
+        bytes,
+        SizeCheck {
+            limits,
+            resize_to: Some(size),
+        },
+    )
+}
+
+fn decode_checked(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, PreprocessError> {
+    let limits = check.limits;
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
@@ -72,11 +108,11 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Prepr
         });
     }
     match sniff(bytes)? {
-        ImageFormat::Png => png::decode(bytes, limits),
-        ImageFormat::Jpeg => jpeg::decode(bytes, limits),
-        ImageFormat::Gif => gif::decode(bytes, limits),
-        ImageFormat::Bmp => bmp::decode(bytes, limits),
-        ImageFormat::WebP => webp::decode(bytes, limits),
+        ImageFormat::Png => png::decode(bytes, check),
+        ImageFormat::Jpeg => jpeg::decode(bytes, check),
+        ImageFormat::Gif => gif::decode(bytes, check),
+        ImageFormat::Bmp => bmp::decode(bytes, check),
+        ImageFormat::WebP => webp::decode(bytes, check),
     }
 }
 
@@ -112,36 +148,64 @@ fn unsupported_name(bytes: &[u8]) -> &'static str {
     }
 }
 
-/// Checks the size read from a header and returns the pixel count, before any buffer of that
-/// size exists.
-fn check_size(
-    format: ImageFormat,
-    width: u64,
-    height: u64,
-    limits: &DecodeLimits,
-) -> Result<usize, PreprocessError> {
-    let pixels = width.saturating_mul(height);
-    if pixels == 0 {
-        return Err(PreprocessError::ZeroSize {
+/// What every decoder checks a header's size against before allocating anything that size.
+#[derive(Debug, Clone, Copy)]
+struct SizeCheck<'a> {
+    limits: &'a DecodeLimits,
+    /// Side of the square the decoded image is resized to, when it is.
+    resize_to: Option<u32>,
+}
+
+impl SizeCheck<'_> {
+    /// Checks the size read from a header and returns the pixel count.
+    ///
+    /// With a resize ahead, the image with each side raised to at least the output side must
+    /// also fit `max_pixels`. Pillow's resize runs the horizontal pass first, over every source
+    /// row the vertical pass reads, so its intermediate image, its work and its tap tables grow
+    /// with `height × max(width, size)` and `max(width, height)`: a 1×50,000,000 image passes
+    /// the pixel count and would still need a 67 GB intermediate. Raising both sides covers
+    /// either orientation, caps each side at `max_pixels / size`, and changes nothing for
+    /// images at least `size` on both sides.
+    fn pixels(
+        self,
+        format: ImageFormat,
+        width: u64,
+        height: u64,
+    ) -> Result<usize, PreprocessError> {
+        let max = self.limits.max_pixels;
+        let pixels = width.saturating_mul(height);
+        if pixels == 0 {
+            return Err(PreprocessError::ZeroSize {
+                format,
+                width,
+                height,
+            });
+        }
+        let too_many = PreprocessError::TooManyPixels {
             format,
             width,
             height,
-        });
+            max,
+        };
+        if pixels > max {
+            return Err(too_many);
+        }
+        if let Some(size) = self.resize_to {
+            let side = u64::from(size.max(MIN_COSTED_SIDE));
+            let padded = width.max(side).saturating_mul(height.max(side));
+            if padded > max {
+                return Err(PreprocessError::TooCostlyToResize {
+                    format,
+                    width,
+                    height,
+                    size,
+                    padded,
+                    max,
+                });
+            }
+        }
+        usize::try_from(pixels).map_err(|_| too_many)
     }
-    if pixels > limits.max_pixels {
-        return Err(PreprocessError::TooManyPixels {
-            format,
-            width,
-            height,
-            max: limits.max_pixels,
-        });
-    }
-    usize::try_from(pixels).map_err(|_| PreprocessError::TooManyPixels {
-        format,
-        width,
-        height,
-        max: limits.max_pixels,
-    })
 }
 
 fn corrupt(format: ImageFormat, reason: impl fmt::Display) -> PreprocessError {
@@ -156,34 +220,51 @@ fn rgb_image(width: u32, height: u32, data: Vec<u8>) -> RgbImage {
     RgbImage::from_raw(width, height, data).expect("decoders fill width*height*3 bytes")
 }
 
+/// `convert("RGB")` of pixels of `stride` bytes each, `rgb` giving each pixel's value.
+///
+/// A pixel that shrinks (`stride` ≥ 3) is rewritten in place, front to back (pixel `i` is read
+/// before its output, which starts at or before its input, is written), so no second buffer
+/// the size of the image exists; a pixel that grows gets a result allocated at its exact size.
+fn to_rgb(mut samples: Vec<u8>, stride: usize, rgb: impl Fn(&[u8]) -> [u8; 3]) -> Vec<u8> {
+    let count = samples.len() / stride;
+    if stride < 3 {
+        let mut out = Vec::with_capacity(count * 3);
+        for px in samples.chunks_exact(stride) {
+            out.extend_from_slice(&rgb(px));
+        }
+        return out;
+    }
+    for i in 0..count {
+        let px = rgb(&samples[i * stride..][..stride]);
+        samples[i * 3..][..3].copy_from_slice(&px);
+    }
+    samples.truncate(count * 3);
+    samples.shrink_to_fit();
+    samples
+}
+
 /// `convert("RGB")` of an image with one 8-bit grey channel and `stride` bytes per pixel
 /// (alpha, if any, dropped).
-fn grey_to_rgb(samples: &[u8], stride: usize) -> Vec<u8> {
-    samples
-        .chunks_exact(stride)
-        .flat_map(|px| [px[0]; 3])
-        .collect()
+fn grey_to_rgb(samples: Vec<u8>, stride: usize) -> Vec<u8> {
+    to_rgb(samples, stride, |px| [px[0]; 3])
 }
 
 /// `convert("RGB")` of 8-bit RGB with `stride` bytes per pixel (alpha, if any, dropped).
-fn rgbx_to_rgb(samples: &[u8], stride: usize) -> Vec<u8> {
+fn rgbx_to_rgb(samples: Vec<u8>, stride: usize) -> Vec<u8> {
     if stride == 3 {
-        return samples.to_vec();
+        return samples;
     }
-    samples
-        .chunks_exact(stride)
-        .flat_map(|px| [px[0], px[1], px[2]])
-        .collect()
+    to_rgb(samples, stride, |px| [px[0], px[1], px[2]])
 }
 
-/// Decodes with an `image` decoder once its header has passed `limits`, dropping alpha.
+/// Decodes with an `image` decoder once its header has passed `check`, dropping alpha.
 fn decode_with_image(
     format: ImageFormat,
     decoder: impl image::ImageDecoder,
-    limits: &DecodeLimits,
+    check: SizeCheck<'_>,
 ) -> Result<RgbImage, PreprocessError> {
     let (width, height) = decoder.dimensions();
-    check_size(format, width.into(), height.into(), limits)?;
+    check.pixels(format, width.into(), height.into())?;
     let colour = decoder.color_type();
     let size = usize::try_from(decoder.total_bytes()).map_err(|e| corrupt(format, e))?;
     let mut samples = vec![0u8; size];
@@ -191,10 +272,10 @@ fn decode_with_image(
         .read_image(&mut samples)
         .map_err(|e| corrupt(format, e))?;
     let rgb = match colour {
-        image::ColorType::L8 => grey_to_rgb(&samples, 1),
-        image::ColorType::La8 => grey_to_rgb(&samples, 2),
+        image::ColorType::L8 => grey_to_rgb(samples, 1),
+        image::ColorType::La8 => grey_to_rgb(samples, 2),
         image::ColorType::Rgb8 => samples,
-        image::ColorType::Rgba8 => rgbx_to_rgb(&samples, 4),
+        image::ColorType::Rgba8 => rgbx_to_rgb(samples, 4),
         other => {
             return Err(corrupt(
                 format,

@@ -6,10 +6,10 @@ use std::io::Cursor;
 use image::codecs::webp::WebPDecoder;
 use image::{RgbImage, Rgba};
 
-use super::{corrupt, decode_with_image, DecodeLimits, ImageFormat};
+use super::{corrupt, decode_with_image, ImageFormat, SizeCheck};
 use crate::preprocess::PreprocessError;
 
-pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+pub(super) fn decode(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, PreprocessError> {
     let format = ImageFormat::WebP;
     let mut decoder = WebPDecoder::new(Cursor::new(bytes)).map_err(|e| corrupt(format, e))?;
     if decoder.has_animation() {
@@ -19,5 +19,5 @@ pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Pr
             .set_background_color(Rgba([0, 0, 0, 0]))
             .map_err(|e| corrupt(format, e))?;
     }
-    decode_with_image(format, decoder, limits)
+    decode_with_image(format, decoder, check)
 }
