@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// Index of a block in the KV cache's storage.
 pub type BlockId = u32;
 
-/// Identity of a full block's contents and of everything before it (see `prefix_hash`).
-pub type BlockHash = u64;
+pub use crate::prefix_hash::BlockHash;
 
 /// A shared pool of `num_blocks` blocks of `block_size` tokens.
 #[derive(Clone)]
@@ -181,6 +180,11 @@ impl std::fmt::Debug for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prefix_hash::block_hash;
+
+    fn hash(i: u32) -> BlockHash {
+        block_hash(None, &[i], &[])
+    }
 
     #[test]
     fn dropping_returns_blocks() {
@@ -201,10 +205,10 @@ mod tests {
         let pool = BlockPool::new(2, 4);
         let block = pool.allocate(1).unwrap().pop().unwrap();
         let id = block.id();
-        pool.register(&block, 42);
+        pool.register(&block, hash(42));
         drop(block);
         assert_eq!(pool.num_free(), 2);
-        let hit = pool.lookup(42).expect("cached after its owner left");
+        let hit = pool.lookup(hash(42)).expect("cached after its owner left");
         assert_eq!(hit.id(), id);
         assert_eq!(
             pool.num_free(),
@@ -214,7 +218,7 @@ mod tests {
         drop(hit);
         // Two allocations need both blocks: the cached one is evicted.
         let all = pool.allocate(2).unwrap();
-        assert!(pool.lookup(42).is_none());
+        assert!(pool.lookup(hash(42)).is_none());
         drop(all);
     }
 
@@ -223,7 +227,7 @@ mod tests {
         let pool = BlockPool::new(3, 4);
         let mut blocks = pool.allocate(3).unwrap();
         for (i, b) in blocks.iter().enumerate() {
-            pool.register(b, i as u64);
+            pool.register(b, hash(i as u32));
         }
         let third = blocks.pop().unwrap();
         let second = blocks.pop().unwrap();
@@ -232,8 +236,8 @@ mod tests {
         drop(first);
         drop(third);
         let _taken = pool.allocate(1).unwrap();
-        assert!(pool.lookup(1).is_none(), "freed first, evicted first");
-        assert!(pool.lookup(0).is_some());
-        assert!(pool.lookup(2).is_some());
+        assert!(pool.lookup(hash(1)).is_none(), "freed first, evicted first");
+        assert!(pool.lookup(hash(0)).is_some());
+        assert!(pool.lookup(hash(2)).is_some());
     }
 }

@@ -18,7 +18,15 @@ pub struct EngineConfig {
     /// Memory for cached encoder outputs.
     pub encoder_cache_bytes: usize,
     pub enable_prefix_caching: bool,
+    /// Most bytes of events one request may have sent and its reader not yet taken (see
+    /// `output`): past it the request is cancelled, so a client that never reads cannot make
+    /// the engine buffer its whole answer, nor hold KV blocks and a running slot meanwhile.
+    pub max_buffered_output_bytes: usize,
 }
+
+/// Room for about 16 completions × 1000 tokens with text and no logprobs, far more than a
+/// reader that keeps up ever has waiting.
+pub const DEFAULT_MAX_BUFFERED_OUTPUT_BYTES: usize = 4 << 20;
 
 impl EngineConfig {
     /// Defaults as vLLM's, for a cache of `num_blocks` blocks of `block_size` tokens.
@@ -32,6 +40,7 @@ impl EngineConfig {
             max_images_per_step: 8,
             encoder_cache_bytes: 256 << 20,
             enable_prefix_caching: true,
+            max_buffered_output_bytes: DEFAULT_MAX_BUFFERED_OUTPUT_BYTES,
         }
     }
 
@@ -44,6 +53,7 @@ impl EngineConfig {
             ("max_num_batched_tokens", self.max_num_batched_tokens),
             ("max_model_len", self.max_model_len),
             ("max_images_per_step", self.max_images_per_step),
+            ("max_buffered_output_bytes", self.max_buffered_output_bytes),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -1,5 +1,6 @@
 //! Encoder outputs by image content, so a repeated image skips the vision encoder.
 
+use crate::content_hash::ContentHash;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -7,9 +8,9 @@ use std::sync::Arc;
 pub struct EncoderCache<E> {
     capacity: usize,
     used: usize,
-    entries: HashMap<u64, Entry<E>>,
+    entries: HashMap<ContentHash, Entry<E>>,
     /// Last use → content hash; the first is evicted first.
-    order: BTreeMap<u64, u64>,
+    order: BTreeMap<u64, ContentHash>,
     clock: u64,
     pub queries: u64,
     pub hits: u64,
@@ -35,11 +36,11 @@ impl<E> EncoderCache<E> {
     }
 
     /// Whether `hash` is cached, without counting a query or refreshing it.
-    pub fn contains(&self, hash: u64) -> bool {
+    pub fn contains(&self, hash: ContentHash) -> bool {
         self.entries.contains_key(&hash)
     }
 
-    pub fn get(&mut self, hash: u64) -> Option<Arc<E>> {
+    pub fn get(&mut self, hash: ContentHash) -> Option<Arc<E>> {
         self.queries += 1;
         self.clock += 1;
         let entry = self.entries.get_mut(&hash)?;
@@ -51,7 +52,7 @@ impl<E> EncoderCache<E> {
     }
 
     /// Keeps `value` unless it alone exceeds the capacity, evicting the least recently used.
-    pub fn insert(&mut self, hash: u64, value: Arc<E>, bytes: usize) {
+    pub fn insert(&mut self, hash: ContentHash, value: Arc<E>, bytes: usize) {
         if bytes > self.capacity || self.entries.contains_key(&hash) {
             return;
         }
@@ -85,18 +86,22 @@ impl<E> EncoderCache<E> {
 mod tests {
     use super::*;
 
+    fn key(i: u8) -> ContentHash {
+        ContentHash::of(&[i])
+    }
+
     #[test]
     fn evicts_least_recently_used_within_budget() {
         let mut cache = EncoderCache::new(10);
-        cache.insert(1, Arc::new("a"), 4);
-        cache.insert(2, Arc::new("b"), 4);
-        assert!(cache.get(1).is_some());
-        cache.insert(3, Arc::new("c"), 4); // evicts 2, used less recently than 1
-        assert!(cache.get(2).is_none());
-        assert!(cache.get(1).is_some() && cache.get(3).is_some());
+        cache.insert(key(1), Arc::new("a"), 4);
+        cache.insert(key(2), Arc::new("b"), 4);
+        assert!(cache.get(key(1)).is_some());
+        cache.insert(key(3), Arc::new("c"), 4); // evicts 2, used less recently than 1
+        assert!(cache.get(key(2)).is_none());
+        assert!(cache.get(key(1)).is_some() && cache.get(key(3)).is_some());
         assert_eq!(cache.used_bytes(), 8);
-        cache.insert(4, Arc::new("too big"), 11);
-        assert!(cache.get(4).is_none());
+        cache.insert(key(4), Arc::new("too big"), 11);
+        assert!(cache.get(key(4)).is_none());
         assert_eq!((cache.queries, cache.hits), (5, 3));
     }
 }

@@ -2,34 +2,17 @@
 
 use crate::config::EngineConfig;
 use crate::detokenizer::TokenDecoder;
-use crate::request::{Event, Request};
+use crate::output::{channel as event_channel, EventSender, RequestStream};
+use crate::request::Request;
 use crate::runner::ModelRunner;
 use crate::scheduler::{validate, Scheduler, SubmitError};
 use crate::stats::EngineStats;
 use std::sync::mpsc::{channel, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 enum Command<P> {
-    Add(Request<P>, UnboundedSender<Event>),
-}
-
-/// The events of one request. Dropping it cancels the request at the next step.
-pub struct RequestStream {
-    events: UnboundedReceiver<Event>,
-}
-
-impl RequestStream {
-    /// The next event; `None` after the last.
-    pub async fn next(&mut self) -> Option<Event> {
-        self.events.recv().await
-    }
-
-    /// The next event, blocking the thread (not for async code).
-    pub fn next_blocking(&mut self) -> Option<Event> {
-        self.events.blocking_recv()
-    }
+    Add(Request<P>, EventSender),
 }
 
 /// A running engine. Dropping it lets the step thread finish the requests it has, then stop.
@@ -101,13 +84,13 @@ impl<P: Send + Sync + 'static> Engine<P> {
     /// Queues a request, or refuses it at once if it could never complete.
     pub fn submit(&self, request: Request<P>) -> Result<RequestStream, SubmitError> {
         validate(&self.config, self.vocab_size, &request)?;
-        let (tx, rx) = unbounded_channel();
+        let (tx, stream) = event_channel();
         self.commands
             .as_ref()
             .ok_or(SubmitError::Stopped)?
             .send(Command::Add(request, tx))
             .map_err(|_| SubmitError::Stopped)?;
-        Ok(RequestStream { events: rx })
+        Ok(stream)
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -123,12 +106,10 @@ impl<P: Send + Sync + 'static> Engine<P> {
 fn add<R: ModelRunner>(
     scheduler: &mut Scheduler<R>,
     request: Request<R::Pixels>,
-    events: UnboundedSender<Event>,
+    events: EventSender,
 ) {
     if let Err(e) = scheduler.add(request, events.clone()) {
-        let _ = events.send(Event::Error {
-            message: e.to_string(),
-        });
+        events.fail(e.to_string());
     }
 }
 

@@ -5,10 +5,12 @@
 
 pub mod block_pool;
 pub mod config;
+pub mod content_hash;
 pub mod detokenizer;
 pub mod encoder_cache;
 pub mod engine;
 mod logits_processors;
+pub mod output;
 pub mod prefix_hash;
 pub mod request;
 pub mod runner;
@@ -19,8 +21,10 @@ pub mod stats;
 pub mod stop;
 
 pub use config::EngineConfig;
+pub use content_hash::ContentHash;
 pub use detokenizer::{Detokenizer, TokenDecoder};
-pub use engine::{Engine, RequestStream};
+pub use engine::Engine;
+pub use output::{EventSender, RequestStream};
 pub use request::{Event, ImageInput, Request, RequestId, RequestTimings, Usage};
 pub use runner::{ForwardSeq, ModelRunner, RunnerError};
 pub use sampling::{argmax, Sampled, Sampler, SamplingError, SamplingParams, MAX_TOP_LOGPROBS};

@@ -1,5 +1,6 @@
 //! What a caller hands the engine, and what it gets back.
 
+use crate::content_hash::ContentHash;
 use crate::sampling::SamplingParams;
 use crate::stop::{FinishReason, StopParams, StopReason};
 use std::sync::Arc;
@@ -14,8 +15,9 @@ pub struct ImageInput<P> {
     pub offset: usize,
     /// Placeholder tokens the image's embeddings replace.
     pub num_tokens: usize,
-    /// Hash of the image's content: equal images share encoder outputs and cached blocks.
-    pub content_hash: u64,
+    /// Digest of the image's content: equal images share encoder outputs and cached blocks,
+    /// so it must name the content (the encoded file) and nothing else.
+    pub content_hash: ContentHash,
     pub pixels: Arc<P>,
 }
 

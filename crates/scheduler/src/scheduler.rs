@@ -9,8 +9,10 @@
 
 use crate::block_pool::BlockPool;
 use crate::config::EngineConfig;
+use crate::content_hash::ContentHash;
 use crate::detokenizer::{Detokenizer, TokenDecoder};
 use crate::encoder_cache::EncoderCache;
+use crate::output::EventSender;
 use crate::request::{Event, Request, RequestId, Usage};
 use crate::runner::{ForwardSeq, ModelRunner, RunnerError};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
@@ -20,7 +22,6 @@ use crate::stop::{FinishReason, StopChecker, StopError, StopReason};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc::UnboundedSender;
 
 type Seq<R> = Sequence<<R as ModelRunner>::Pixels, <R as ModelRunner>::ImageEmbeds>;
 
@@ -93,10 +94,12 @@ pub fn validate<P>(
     }
     let mut end = 0;
     for (i, image) in request.images.iter().enumerate() {
-        if image.offset < end || image.num_tokens == 0 || image.offset + image.num_tokens > prompt {
-            return Err(SubmitError::BadImage(i));
-        }
-        end = image.offset + image.num_tokens;
+        let image_end = image
+            .offset
+            .checked_add(image.num_tokens)
+            .filter(|&e| image.offset >= end && image.num_tokens > 0 && e <= prompt)
+            .ok_or(SubmitError::BadImage(i))?;
+        end = image_end;
     }
     Ok(())
 }
@@ -141,7 +144,7 @@ impl<R: ModelRunner> Scheduler<R> {
     pub fn add(
         &mut self,
         request: Request<R::Pixels>,
-        events: UnboundedSender<Event>,
+        events: EventSender,
     ) -> Result<RequestId, SubmitError> {
         let vocab = self.runner.vocab_size();
         validate(&self.config, vocab, &request)?;
@@ -155,6 +158,7 @@ impl<R: ModelRunner> Scheduler<R> {
         let stop = StopChecker::new(request.stop, vocab)?;
         let detokenizer = Detokenizer::new(self.decoder.clone(), request.skip_special_tokens);
         let id = self.next_id;
+        // One per request: 2^64 requests outlast any server.
         self.next_id += 1;
         let prompt_len = request.prompt.len();
         self.waiting.push_back(Sequence {
@@ -201,29 +205,85 @@ impl<R: ModelRunner> Scheduler<R> {
         self.pool.num_free()
     }
 
-    /// Runs one step: at most one forward.
+    /// Runs one step: one forward, or more when a failure must be traced to its sequences.
+    ///
+    /// One sequence's failure is never another's: a sequence whose planned positions, blocks
+    /// or images are unsound is failed alone before the forward; when the batched encode or
+    /// forward fails, the work is retried in parts until the failure is pinned on the
+    /// sequences that fail alone (see [`Self::forward_isolating`]), and only those fail.
     pub fn step(&mut self) {
         self.drop_abandoned();
         let plan = self.schedule();
         if !plan.is_empty() {
-            let result = self.encode_images(&plan).and_then(|()| {
-                let started = Instant::now();
-                let rows = self.forward(&plan);
-                self.stats.forward_time += started.elapsed();
-                rows
-            });
-            match result {
-                Ok(rows) => {
-                    let started = Instant::now();
-                    self.advance(&plan, rows);
-                    self.stats.sample_time += started.elapsed();
-                }
-                Err(e) => self.fail(&plan, &e),
+            let mut ended: Vec<(usize, Option<Ending>)> = Vec::new();
+            let mut failed = self.encode_images(&plan);
+            let plan: Plan = plan
+                .into_iter()
+                .filter(|&(i, n)| {
+                    if failed.iter().any(|f| f.0 == i) {
+                        return false;
+                    }
+                    match self.unsound(i, n) {
+                        Some(reason) => {
+                            failed.push((i, RunnerError(reason)));
+                            false
+                        }
+                        None => true,
+                    }
+                })
+                .collect();
+            let started = Instant::now();
+            let (ran, rows) = self.forward_isolating(&plan, &mut failed);
+            self.stats.forward_time += started.elapsed();
+            for (i, error) in failed {
+                self.fail(i, &error);
+                ended.push((i, None));
             }
+            let started = Instant::now();
+            self.advance(&ran, rows, &mut ended);
+            self.stats.sample_time += started.elapsed();
+            self.retire(ended);
             self.stats.steps += 1;
-            self.stats.tokens_last_step = plan.iter().map(|p| p.1).sum();
+            self.stats.tokens_last_step = ran.iter().map(|p| p.1).sum();
         }
         self.update_stats();
+    }
+
+    /// Why `running[i]` cannot run `n` tokens from its computed ones, if it cannot: positions
+    /// past the model's length or its own tokens, a block table too short for them, or an
+    /// image among them without embeddings. The scheduler never plans such a span; checking
+    /// keeps a bug or an unforeseen input from reaching the batched forward, where it would
+    /// fail every sequence of the step.
+    fn unsound(&self, i: usize, n: usize) -> Option<String> {
+        let seq = &self.running[i];
+        let start = seq.computed;
+        let Some(end) = start
+            .checked_add(n)
+            .filter(|&end| n > 0 && end <= seq.tokens.len())
+        else {
+            return Some(format!(
+                "planned {n} tokens from position {start} of a {}-token sequence",
+                seq.tokens.len()
+            ));
+        };
+        if end > self.config.max_model_len {
+            return Some(format!(
+                "position {end} is past the maximum model length {}",
+                self.config.max_model_len
+            ));
+        }
+        let capacity = seq.blocks.len().checked_mul(self.config.block_size);
+        if capacity.is_none_or(|c| c < end) {
+            return Some(format!(
+                "{} KV blocks cannot hold {end} positions",
+                seq.blocks.len()
+            ));
+        }
+        let unencoded = seq.images.iter().position(|img| {
+            let r = img.range();
+            r.start < end && start < r.end && img.embeds.is_none()
+        });
+        unencoded.map(|k| format!("image {k} has no embeddings"))
     }
 
     fn drop_abandoned(&mut self) {
@@ -234,7 +294,11 @@ impl<R: ModelRunner> Scheduler<R> {
     }
 
     /// Decides this step's batch: (index into `running`, tokens to run).
-    fn schedule(&mut self) -> Vec<(usize, usize)> {
+    ///
+    /// Every `computed + n` below is at most the sequence's token count (`n` is capped by
+    /// `remaining()`), itself at most `max_model_len` (`validate` checked prompt + max_tokens
+    /// and generation stops at max_tokens), so none can overflow.
+    fn schedule(&mut self) -> Plan {
         let block_size = self.config.block_size;
         let mut budget = self.config.max_num_batched_tokens;
         let mut encodes = 0;
@@ -356,9 +420,11 @@ impl<R: ModelRunner> Scheduler<R> {
     }
 
     /// Gives every image the plan needs its embeddings: from the encoder cache, or encoded
-    /// now, all in one batch.
-    fn encode_images(&mut self, plan: &[(usize, usize)]) -> Result<(), RunnerError> {
-        let mut order: Vec<u64> = Vec::new();
+    /// now, all in one batch. If the batch fails, each image is encoded alone, so that only
+    /// the sequences whose own image fails are returned, with the error, to be failed.
+    /// Only successful outputs enter the encoder cache.
+    fn encode_images(&mut self, plan: &[(usize, usize)]) -> Vec<(usize, RunnerError)> {
+        let mut order: Vec<ContentHash> = Vec::new();
         let mut pixels = Vec::new();
         for &(i, n) in plan {
             let seq = &mut self.running[i];
@@ -383,35 +449,112 @@ impl<R: ModelRunner> Scheduler<R> {
             }
         }
         if pixels.is_empty() {
-            return Ok(());
+            return Vec::new();
         }
-        let started = Instant::now();
         let refs: Vec<&R::Pixels> = pixels.iter().map(|p| p.as_ref()).collect();
-        let outputs = self.runner.encode_images(&refs)?;
-        if outputs.len() != order.len() {
-            return Err(RunnerError(format!(
-                "encoder returned {} outputs for {} images",
-                outputs.len(),
-                order.len()
-            )));
-        }
-        self.stats.images_encoded += order.len() as u64;
-        self.stats.encode_time += started.elapsed();
-        let mut encoded: HashMap<u64, Arc<R::ImageEmbeds>> = HashMap::new();
-        for (hash, out) in order.into_iter().zip(outputs) {
-            let bytes = self.runner.embeds_bytes(&out);
-            let out = Arc::new(out);
-            self.encoder_cache.insert(hash, out.clone(), bytes);
-            encoded.insert(hash, out);
-        }
-        for &(i, _) in plan {
-            for image in &mut self.running[i].images {
-                if image.embeds.is_none() {
-                    image.embeds = encoded.get(&image.input.content_hash).cloned();
+        let mut encoded: HashMap<ContentHash, Arc<R::ImageEmbeds>> = HashMap::new();
+        let mut broken: HashMap<ContentHash, RunnerError> = HashMap::new();
+        match self.encode_batch(&refs) {
+            Ok(outputs) => self.keep_encoded(&order, outputs, &mut encoded),
+            Err(e) if refs.len() == 1 => {
+                broken.insert(order[0], e);
+            }
+            Err(_) => {
+                for (hash, image) in order.iter().zip(&refs) {
+                    match self.encode_batch(&[image]) {
+                        Ok(outputs) => self.keep_encoded(&[*hash], outputs, &mut encoded),
+                        Err(e) => {
+                            broken.insert(*hash, e);
+                        }
+                    }
                 }
             }
         }
-        Ok(())
+        let mut failed = Vec::new();
+        for &(i, _) in plan {
+            for image in &mut self.running[i].images {
+                let hash = image.input.content_hash;
+                if let Some(e) = broken.get(&hash) {
+                    failed.push((i, e.clone()));
+                    break;
+                }
+                if image.embeds.is_none() {
+                    image.embeds = encoded.get(&hash).cloned();
+                }
+            }
+        }
+        failed
+    }
+
+    /// One call of the encoder, checked to give one output per image.
+    fn encode_batch(&mut self, images: &[&R::Pixels]) -> Result<Vec<R::ImageEmbeds>, RunnerError> {
+        let started = Instant::now();
+        let outputs = self.runner.encode_images(images);
+        self.stats.encode_time += started.elapsed();
+        let outputs = outputs?;
+        if outputs.len() != images.len() {
+            return Err(RunnerError(format!(
+                "encoder returned {} outputs for {} images",
+                outputs.len(),
+                images.len()
+            )));
+        }
+        self.stats.images_encoded += images.len() as u64;
+        Ok(outputs)
+    }
+
+    /// Caches the encoder's `outputs` for the images `order` names, and notes them for this step.
+    fn keep_encoded(
+        &mut self,
+        order: &[ContentHash],
+        outputs: Vec<R::ImageEmbeds>,
+        encoded: &mut HashMap<ContentHash, Arc<R::ImageEmbeds>>,
+    ) {
+        for (hash, out) in order.iter().zip(outputs) {
+            let bytes = self.runner.embeds_bytes(&out);
+            let out = Arc::new(out);
+            self.encoder_cache.insert(*hash, out.clone(), bytes);
+            encoded.insert(*hash, out);
+        }
+    }
+
+    /// Runs the plan's forward; if it fails, runs each half of the plan, and so on down to
+    /// single sequences, whose failure is then theirs alone and goes to `failed`. Returns the
+    /// entries that ran, in plan order, and their logits rows.
+    ///
+    /// Rerunning a sequence is safe: a forward writes keys and values only at the positions it
+    /// runs, past those computed, into blocks no other sequence reads yet (shared blocks are
+    /// full and computed; blocks are registered in the prefix cache only after a successful
+    /// forward, in `advance`), so a rerun writes the same slots again with the same values and
+    /// the sequence's tokens are those it would have had anyway. A model that fails every
+    /// time fails every sequence after at most 2·len − 1 forwards.
+    fn forward_isolating(
+        &mut self,
+        plan: &[(usize, usize)],
+        failed: &mut Vec<(usize, RunnerError)>,
+    ) -> (Plan, Vec<Vec<f32>>) {
+        let mut ran = Vec::new();
+        let mut rows = Vec::new();
+        let mut pending = vec![plan];
+        // Depth first, first half first: what ran stays in plan order.
+        while let Some(part) = pending.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            match self.forward(part) {
+                Ok(r) => {
+                    ran.extend_from_slice(part);
+                    rows.extend(r);
+                }
+                Err(e) if part.len() == 1 => failed.push((part[0].0, e)),
+                Err(_) => {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    pending.push(second);
+                    pending.push(first);
+                }
+            }
+        }
+        (ran, rows)
     }
 
     fn forward(&mut self, plan: &[(usize, usize)]) -> Result<Vec<Vec<f32>>, RunnerError> {
@@ -450,11 +593,17 @@ impl<R: ModelRunner> Scheduler<R> {
         Ok(rows)
     }
 
-    /// Records the forward's progress, samples, reports, and retires finished sequences.
-    fn advance(&mut self, plan: &[(usize, usize)], rows: Vec<Vec<f32>>) {
+    /// Records the forward's progress, samples and reports; sequences that are over go to
+    /// `finished` (with their ending, or `None` when failed or cancelled).
+    fn advance(
+        &mut self,
+        plan: &[(usize, usize)],
+        rows: Vec<Vec<f32>>,
+        finished: &mut Vec<(usize, Option<Ending>)>,
+    ) {
         let block_size = self.config.block_size;
+        let limit = self.config.max_buffered_output_bytes;
         let mut rows = rows.into_iter();
-        let mut finished: Vec<(usize, Option<Ending>)> = Vec::new();
         let mut siblings = Vec::new();
         for &(i, n) in plan {
             let seq = &mut self.running[i];
@@ -484,9 +633,8 @@ impl<R: ModelRunner> Scheduler<R> {
                 {
                     Ok(sampled) => sampled,
                     Err(e) => {
-                        let _ = seq.events.send(Event::Error {
-                            message: e.to_string(),
-                        });
+                        seq.events.fail(e.to_string());
+                        self.stats.failed += 1;
                         finished.push((i, None));
                         continue;
                     }
@@ -509,13 +657,16 @@ impl<R: ModelRunner> Scheduler<R> {
                 Some(StopReason::Eos) | Some(StopReason::Token(_))
             );
             let Some(reason) = step.finish else {
-                let _ = seq.events.send(Event::Token {
+                let token = Event::Token {
                     index: seq.index,
                     id: sampled.token,
                     text: step.text,
                     logprob: sampled.logprob,
                     top_logprobs: sampled.top_logprobs,
-                });
+                };
+                if !report(&mut self.stats, limit, seq, token) {
+                    finished.push((i, None));
+                }
                 continue;
             };
             let mut text = step.text;
@@ -524,13 +675,17 @@ impl<R: ModelRunner> Scheduler<R> {
                     // Length: the full decode's last characters, even if incomplete.
                     text.push_str(&seq.detokenizer.flush());
                 }
-                let _ = seq.events.send(Event::Token {
+                let token = Event::Token {
                     index: seq.index,
                     id: sampled.token,
                     text: std::mem::take(&mut text),
                     logprob: sampled.logprob,
                     top_logprobs: sampled.top_logprobs,
-                });
+                };
+                if !report(&mut self.stats, limit, seq, token) {
+                    finished.push((i, None));
+                    continue;
+                }
             }
             finished.push((i, Some((reason, step.stop_reason, text))));
         }
@@ -538,8 +693,13 @@ impl<R: ModelRunner> Scheduler<R> {
         for sibling in siblings.into_iter().rev() {
             self.waiting.push_front(sibling);
         }
-        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, end) in finished {
+    }
+
+    /// Takes the step's ended sequences out of `running` (their blocks go back to the pool),
+    /// reporting the finish of those that have one.
+    fn retire(&mut self, mut ended: Vec<(usize, Option<Ending>)>) {
+        ended.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, end) in ended {
             let seq = self.running.remove(i);
             if let Some((reason, stop_reason, text)) = end {
                 self.finish(seq, reason, stop_reason, text);
@@ -567,15 +727,18 @@ impl<R: ModelRunner> Scheduler<R> {
             completion_tokens: seq.generated(),
             cached_tokens: seq.cached_tokens,
         };
-        self.stats.finished += 1;
-        let _ = seq.events.send(Event::Finished {
+        let finished = Event::Finished {
             index: seq.index,
             text,
             reason,
             stop_reason,
             usage,
             timings: seq.timings.clone(),
-        });
+        };
+        let limit = self.config.max_buffered_output_bytes;
+        if report(&mut self.stats, limit, &seq, finished) {
+            self.stats.finished += 1;
+        }
     }
 
     /// The other completions of an `n > 1` request whose prompt `running[i]` just computed.
@@ -591,6 +754,8 @@ impl<R: ModelRunner> Scheduler<R> {
         (1..fork.n)
             .filter_map(|index| {
                 let sampling = SamplingParams {
+                    // Modular on purpose: any u64 is a seed, and seed + k names completion k
+                    // of every seed, u64::MAX included.
                     seed: fork.sampling.seed.map(|s| s.wrapping_add(index as u64)),
                     ..fork.sampling.clone()
                 };
@@ -623,17 +788,12 @@ impl<R: ModelRunner> Scheduler<R> {
             .collect()
     }
 
-    /// Fails every sequence of a step whose encode or forward failed.
-    fn fail(&mut self, plan: &[(usize, usize)], error: &RunnerError) {
-        let mut indices: Vec<usize> = plan.iter().map(|p| p.0).collect();
-        indices.sort_by_key(|&i| std::cmp::Reverse(i));
-        for i in indices {
-            let seq = self.running.remove(i);
-            let _ = seq.events.send(Event::Error {
-                message: error.to_string(),
-            });
-            self.stats.failed += 1;
-        }
+    /// Ends the request of `running[i]`, whose encode, forward or checks failed, with
+    /// `error`; the caller retires the sequence, the request's other completions stop at the
+    /// next step.
+    fn fail(&mut self, i: usize, error: &RunnerError) {
+        self.running[i].events.fail(error.to_string());
+        self.stats.failed += 1;
     }
 
     fn update_stats(&mut self) {
@@ -648,6 +808,30 @@ impl<R: ModelRunner> Scheduler<R> {
 
 /// How a sequence ended: reason, what stopped it, last text.
 type Ending = (FinishReason, Option<StopReason>, String);
+
+/// A step's batch: (index into `running`, tokens to run).
+type Plan = Vec<(usize, usize)>;
+
+/// Sends `event` to the sequence's reader unless the reader has `limit` bytes unread; past
+/// that the request is cancelled with an error event (counted once per request). False when
+/// the sequence must stop: cancelled now, or its request already over.
+fn report<P, E>(stats: &mut EngineStats, limit: usize, seq: &Sequence<P, E>, event: Event) -> bool {
+    if let Err(overflow) = seq.events.send(event, limit) {
+        let ended = seq.events.fail(format!(
+            "the request was cancelled: its client left {} bytes of output unread, more than \
+             the server's limit of {limit} (max_buffered_output_bytes)",
+            overflow.buffered
+        ));
+        if ended {
+            stats.output_overflows += 1;
+        }
+    }
+    if seq.is_abandoned() {
+        stats.aborted += 1;
+        return false;
+    }
+    true
+}
 
 /// Which sequence `image_limit` looks at.
 #[derive(Clone, Copy)]

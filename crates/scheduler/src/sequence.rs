@@ -2,8 +2,9 @@
 
 use crate::block_pool::{Block, BlockHash};
 use crate::detokenizer::Detokenizer;
+use crate::output::EventSender;
 use crate::prefix_hash::{block_hash, ImagePart};
-use crate::request::{Event, ImageInput, RequestTimings};
+use crate::request::{ImageInput, RequestTimings};
 use crate::sampling::Sampler;
 use crate::sampling::SamplingParams;
 use crate::stop::StopChecker;
@@ -11,7 +12,6 @@ use crate::stop::StopParams;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc::UnboundedSender;
 
 /// An image of the sequence and, once encoded, its embeddings.
 pub(crate) struct SeqImage<P, E> {
@@ -30,6 +30,7 @@ impl<P, E> Clone for SeqImage<P, E> {
 
 impl<P, E> SeqImage<P, E> {
     pub fn range(&self) -> Range<usize> {
+        // `validate` checked that offset + num_tokens fits in the prompt.
         self.input.offset..self.input.offset + self.input.num_tokens
     }
 }
@@ -61,7 +62,8 @@ pub(crate) struct Sequence<P, E> {
     pub sampler: Sampler,
     pub stop: StopChecker,
     pub detokenizer: Detokenizer,
-    pub events: UnboundedSender<Event>,
+    /// Shared by the request's completions.
+    pub events: EventSender,
     pub cached_tokens: usize,
     pub arrival: Instant,
     pub first_scheduled: Option<Instant>,
@@ -70,23 +72,26 @@ pub(crate) struct Sequence<P, E> {
 }
 
 impl<P, E> Sequence<P, E> {
+    /// No overflow: tokens only grow from the prompt.
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
 
-    /// Tokens still to run through the model before the next token can be sampled.
+    /// Tokens still to run through the model before the next token can be sampled. No
+    /// overflow: `computed` never passes `tokens.len()` (it grows by planned spans of the
+    /// remaining tokens, and a reset or a cache hit sets it lower).
     pub fn remaining(&self) -> usize {
         self.tokens.len() - self.computed
     }
 
-    /// Blocks needed to hold `tokens` tokens.
+    /// Blocks needed to hold `tokens` tokens (a rounding-up division: cannot overflow).
     pub fn blocks_for(tokens: usize, block_size: usize) -> usize {
         tokens.div_ceil(block_size)
     }
 
-    /// Whether the caller dropped its stream.
+    /// Whether the caller dropped its stream, or an error already ended the request.
     pub fn is_abandoned(&self) -> bool {
-        self.events.is_closed()
+        self.events.is_abandoned()
     }
 
     /// Extends `hashes` to cover the first `full_blocks` blocks.

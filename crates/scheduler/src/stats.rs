@@ -26,6 +26,11 @@ pub struct EngineStats {
     pub steps: u64,
     pub tokens_last_step: usize,
     pub finished: u64,
+    /// Completions cancelled: the reader went away or left too much output unread.
     pub aborted: u64,
+    /// Completions ended by an error of their own (the model or the sampler failed on them).
     pub failed: u64,
+    /// Requests cancelled because their reader left more than `max_buffered_output_bytes`
+    /// of output unread (their completions also count in `aborted`).
+    pub output_overflows: u64,
 }

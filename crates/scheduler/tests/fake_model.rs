@@ -2,16 +2,16 @@
 //! it reads through the block table, so any misplaced block, stale slot or wrong image row
 //! changes the tokens.
 
+use internvl_scheduler::output::channel;
 use internvl_scheduler::runner::{ForwardSeq, ModelRunner, RunnerError};
 use internvl_scheduler::scheduler::Scheduler;
 use internvl_scheduler::{
-    EngineConfig, Event, FinishReason, ImageInput, Request, SamplingParams, StopParams,
-    TokenDecoder, Usage,
+    ContentHash, EngineConfig, Event, FinishReason, ImageInput, Request, RequestStream,
+    SamplingParams, StopParams, TokenDecoder, Usage,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 pub const IMAGE_TOKEN: u32 = 999;
 pub const EOS: u32 = 2;
@@ -109,6 +109,11 @@ impl ModelRunner for FakeRunner {
     }
 }
 
+/// The content hash of the fake image drawn from `seed`.
+pub fn image_hash(seed: u64) -> ContentHash {
+    ContentHash::of(&seed.to_le_bytes())
+}
+
 /// Token `t` reads as `<t>`.
 fn decoder() -> Arc<dyn TokenDecoder> {
     Arc::new(|ids: &[u32], _: bool| ids.iter().map(|t| format!("<{t}>")).collect::<String>())
@@ -131,7 +136,7 @@ pub fn request(
             ImageInput {
                 offset,
                 num_tokens: n,
-                content_hash: seed,
+                content_hash: image_hash(seed),
                 pixels: Arc::new(seed),
             }
         })
@@ -178,14 +183,14 @@ struct Outcome {
     error: Option<String>,
 }
 
-fn collect(rx: &mut UnboundedReceiver<Event>) -> Outcome {
+fn collect(rx: &mut RequestStream) -> Outcome {
     let mut outcome = Outcome {
         tokens: Vec::new(),
         reason: None,
         usage: Usage::default(),
         error: None,
     };
-    while let Ok(event) = rx.try_recv() {
+    while let Some(event) = rx.try_next() {
         match event {
             Event::Token { id, .. } => outcome.tokens.push(id),
             Event::Finished { reason, usage, .. } => {
@@ -202,7 +207,7 @@ fn run_alone(config: &EngineConfig, req: &Request<u64>) -> Outcome {
     let mut config = config.clone();
     config.num_blocks = 512;
     let mut s = Scheduler::new(FakeRunner::new(&config), config, decoder());
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel();
     s.add(clone_request(req), tx).unwrap();
     while s.has_work() {
         s.step();
@@ -262,7 +267,7 @@ fn batch_invariance_under_preemption_and_prefix_caching() {
         let mut step = 0;
         while next < requests.len() || s.has_work() {
             while next < requests.len() && arrivals[next] <= step {
-                let (tx, rx) = unbounded_channel();
+                let (tx, rx) = channel();
                 s.add(clone_request(&requests[next]), tx).unwrap();
                 streams.push(rx);
                 next += 1;
@@ -303,12 +308,12 @@ fn same_text_different_images_never_share_blocks() {
     let mut s = Scheduler::new(FakeRunner::new(&config), config.clone(), decoder());
     let a = request(&mut rng, 64, &[(8, 32, 100)], 1);
     let mut b = clone_request(&a);
-    b.images[0].content_hash = 200;
+    b.images[0].content_hash = image_hash(200);
     b.images[0].pixels = Arc::new(200);
     let same = clone_request(&a);
     let mut results = Vec::new();
     for r in [a, b, same] {
-        let (tx, mut rx) = unbounded_channel();
+        let (tx, mut rx) = channel();
         s.add(r, tx).unwrap();
         while s.has_work() {
             s.step();
@@ -331,7 +336,7 @@ fn same_text_different_images_never_share_blocks() {
     // The same image after different text misses the prefix cache but hits the encoder cache.
     let mut d = request(&mut rng, 64, &[(8, 32, 100)], 1);
     d.prompt[0] = 1;
-    let (tx, _rx) = unbounded_channel();
+    let (tx, _rx) = channel();
     s.add(d, tx).unwrap();
     while s.has_work() {
         s.step();
@@ -348,7 +353,7 @@ fn chunked_prefill_respects_the_token_budget() {
     let mut s = Scheduler::new(FakeRunner::new(&config), config.clone(), decoder());
     let r = request(&mut rng, 300, &[(100, 64, 5)], 3);
     let expected = run_alone(&EngineConfig::new(64, 8, 1024), &r);
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel();
     s.add(r, tx).unwrap();
     let mut steps = 0;
     while s.has_work() {
@@ -368,7 +373,7 @@ fn dropping_the_stream_aborts_and_frees_blocks() {
     let mut s = Scheduler::new(FakeRunner::new(&config), config.clone(), decoder());
     let mut r = request(&mut rng, 40, &[], 100);
     r.stop.eos_token_id = None;
-    let (tx, rx) = unbounded_channel();
+    let (tx, rx) = channel();
     s.add(r, tx).unwrap();
     for _ in 0..5 {
         s.step();
@@ -386,7 +391,7 @@ fn impossible_requests_are_refused_at_once() {
     let mut rng = StdRng::seed_from_u64(4);
     let config = EngineConfig::new(4, 8, 100);
     let mut s = Scheduler::new(FakeRunner::new(&config), config.clone(), decoder());
-    let (tx, _rx) = unbounded_channel();
+    let (tx, _rx) = channel();
     let too_long = request(&mut rng, 90, &[], 20);
     assert!(s
         .add(too_long, tx.clone())
@@ -403,7 +408,7 @@ fn impossible_requests_are_refused_at_once() {
     bad_image.images.push(ImageInput {
         offset: 8,
         num_tokens: 4,
-        content_hash: 0,
+        content_hash: image_hash(0),
         pixels: Arc::new(0),
     });
     assert!(s
@@ -426,7 +431,7 @@ fn no_block_leaks_under_random_load() {
         let mut runner = FakeRunner::new(&config);
         runner.fail_forward_every = Some(rng.random_range(20..60));
         let mut s = Scheduler::new(runner, config.clone(), decoder());
-        let mut live: Vec<Option<UnboundedReceiver<Event>>> = Vec::new();
+        let mut live: Vec<Option<RequestStream>> = Vec::new();
         let mut submitted = 0;
         for _ in 0..2000 {
             if rng.random_bool(0.3) && submitted < 800 {
@@ -438,7 +443,7 @@ fn no_block_leaks_under_random_load() {
                 };
                 let max_tokens = rng.random_range(1..30);
                 let r = request(&mut rng, len, &images, max_tokens);
-                let (tx, rx) = unbounded_channel();
+                let (tx, rx) = channel();
                 if s.add(r, tx).is_ok() {
                     live.push(Some(rx));
                     submitted += 1;
@@ -460,7 +465,7 @@ fn no_block_leaks_under_random_load() {
         );
         for rx in live.iter_mut().flatten() {
             let mut ends = 0;
-            while let Ok(event) = rx.try_recv() {
+            while let Some(event) = rx.try_next() {
                 if matches!(event, Event::Finished { .. } | Event::Error { .. }) {
                     ends += 1;
                 }
@@ -480,7 +485,7 @@ fn n_completions_share_the_prompt() {
     config.enable_prefix_caching = false;
     let mut r = request(&mut rng, 100, &[(10, 32, 9)], 12);
     r.sampling = SamplingParams {
-        temperature: 5.0,
+        temperature: 2.0,
         seed: Some(40),
         ..SamplingParams::default()
     };
@@ -496,7 +501,7 @@ fn n_completions_share_the_prompt() {
     assert!(alone.iter().any(|t| t != &alone[0]), "seeds must matter");
 
     let mut s = Scheduler::new(FakeRunner::new(&config), config.clone(), decoder());
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, mut rx) = channel();
     s.add(r, tx).unwrap();
     let mut peak_used = 0;
     while s.has_work() {
@@ -510,7 +515,7 @@ fn n_completions_share_the_prompt() {
     );
     let mut outputs = vec![Vec::new(); 4];
     let mut finished = [false; 4];
-    while let Ok(event) = rx.try_recv() {
+    while let Some(event) = rx.try_next() {
         match event {
             Event::Token { index, id, .. } => outputs[index].push(id),
             Event::Finished { index, usage, .. } => {

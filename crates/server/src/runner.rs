@@ -6,8 +6,7 @@ use internvl_model::preprocess::PixelValues;
 use internvl_model::tokenizer::Tokenizer;
 use internvl_model::{EncodedPrompt, InternVlChat, PagedKvCache, SequenceSlice};
 use internvl_scheduler::runner::{ForwardSeq, ModelRunner, RunnerError};
-use internvl_scheduler::{ImageInput, TokenDecoder};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use internvl_scheduler::{ContentHash, ImageInput, TokenDecoder};
 use std::sync::Arc;
 
 /// InternVL with the KV cache the engine's block tables index into.
@@ -98,7 +97,8 @@ impl TokenDecoder for TokenizerDecoder {
 }
 
 /// The engine's image inputs for an encoded prompt: each image's placeholders, and its pixels
-/// with a hash of the encoded file, so equal images share encoder outputs and cached blocks.
+/// with the SHA-256 of the encoded file, so equal images (and only those) share encoder
+/// outputs and cached blocks.
 pub fn image_inputs(
     prompt: &EncodedPrompt,
     tokens_per_image: usize,
@@ -108,15 +108,11 @@ pub fn image_inputs(
         .image_offsets
         .iter()
         .zip(images)
-        .map(|(&offset, (bytes, pixels))| {
-            let mut hasher = DefaultHasher::new();
-            bytes.hash(&mut hasher);
-            ImageInput {
-                offset,
-                num_tokens: tokens_per_image,
-                content_hash: hasher.finish(),
-                pixels: Arc::new(pixels),
-            }
+        .map(|(&offset, (bytes, pixels))| ImageInput {
+            offset,
+            num_tokens: tokens_per_image,
+            content_hash: ContentHash::of(&bytes),
+            pixels: Arc::new(pixels),
         })
         .collect()
 }

@@ -6,17 +6,17 @@ use candle_core::Device;
 use internvl_model::preprocess::{preprocess, PixelValues};
 use internvl_model::prompt::{ChatMessage, Part, Role};
 use internvl_model::LoadedModel;
+use internvl_scheduler::output::channel;
 use internvl_scheduler::scheduler::Scheduler;
 use internvl_scheduler::{
-    EngineConfig, Event, ImageInput, Request, SamplingParams, StopParams, TokenDecoder,
+    ContentHash, EngineConfig, Event, ImageInput, Request, RequestStream, SamplingParams,
+    StopParams, TokenDecoder,
 };
 use internvl_server::runner::{CandleRunner, TokenizerDecoder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 const BLOCK_SIZE: usize = 16;
 const MAX_TOKENS: usize = 24;
@@ -27,7 +27,7 @@ fn root() -> &'static Path {
 
 struct Fixture {
     loaded: LoadedModel,
-    images: Vec<(u64, Arc<PixelValues>)>,
+    images: Vec<(ContentHash, Arc<PixelValues>)>,
 }
 
 fn fixture() -> Fixture {
@@ -42,10 +42,8 @@ fn fixture() -> Fixture {
     .iter()
     .map(|f| {
         let bytes = std::fs::read(root().join("tests/fixtures/images").join(f)).unwrap();
-        let mut h = DefaultHasher::new();
-        bytes.hash(&mut h);
         (
-            h.finish(),
+            ContentHash::of(&bytes),
             Arc::new(preprocess(&bytes, &loaded.preprocess).unwrap()),
         )
     })
@@ -128,9 +126,9 @@ fn request(f: &Fixture, messages: &[ChatMessage], images: &[usize]) -> Request<P
     }
 }
 
-fn tokens(rx: &mut UnboundedReceiver<Event>) -> Vec<u32> {
+fn tokens(rx: &mut RequestStream) -> Vec<u32> {
     let mut out = Vec::new();
-    while let Ok(event) = rx.try_recv() {
+    while let Some(event) = rx.try_next() {
         match event {
             Event::Token { id, .. } => out.push(id),
             Event::Finished { .. } => return out,
@@ -163,7 +161,7 @@ fn each_request_yields_what_it_yields_alone() {
     let expected: Vec<Vec<u32>> = convs
         .iter()
         .map(|(m, imgs)| {
-            let (tx, mut rx) = unbounded_channel();
+            let (tx, mut rx) = channel();
             alone.add(request(&f, m, imgs), tx).unwrap();
             while alone.has_work() {
                 alone.step();
@@ -186,7 +184,7 @@ fn each_request_yields_what_it_yields_alone() {
         while streams.len() < convs.len() || s.has_work() {
             while streams.len() < convs.len() && arrivals[streams.len()] <= step {
                 let (m, imgs) = &convs[streams.len()];
-                let (tx, rx) = unbounded_channel();
+                let (tx, rx) = channel();
                 s.add(request(&f, m, imgs), tx).unwrap();
                 streams.push(rx);
             }

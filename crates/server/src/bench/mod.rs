@@ -25,10 +25,10 @@ use crate::model_args::ModelArgs;
 use anyhow::{bail, Context};
 use gpu_memory::MemorySampler;
 use internvl_model::preprocess::preprocess;
+use internvl_scheduler::ContentHash;
 use phases::{chat_prompt, default_images, Bench};
 use serde_json::json;
 use stats::{mib, push, round};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -135,9 +135,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
             let pixels = preprocess(&bytes, &loaded.preprocess)
                 .with_context(|| format!("decoding {}", f.display()))?;
-            let mut h = DefaultHasher::new();
-            bytes.hash(&mut h);
-            Ok((h.finish(), Arc::new(pixels)))
+            Ok((ContentHash::of(&bytes), Arc::new(pixels)))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     if images.is_empty() {

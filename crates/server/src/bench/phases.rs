@@ -11,7 +11,7 @@ use internvl_model::preprocess::PixelValues;
 use internvl_model::prompt::{ChatMessage, Part, Role};
 use internvl_model::{EncodedPrompt, LoadedModel};
 use internvl_scheduler::{
-    Engine, EngineConfig, Event, ImageInput, Request, SamplingParams, StopParams,
+    ContentHash, Engine, EngineConfig, Event, ImageInput, Request, SamplingParams, StopParams,
 };
 use internvl_server::runner::{CandleRunner, TokenizerDecoder};
 use serde_json::{json, Value};
@@ -43,7 +43,7 @@ pub(super) struct Bench<'a> {
     pub(super) args: &'a BenchArgs,
     pub(super) loaded: &'a LoadedModel,
     /// Content hash and pixels of each image.
-    pub(super) images: Vec<(u64, Arc<PixelValues>)>,
+    pub(super) images: Vec<(ContentHash, Arc<PixelValues>)>,
     /// Distinct content hashes for chats while caching is off.
     pub(super) next_hash: u64,
     pub(super) memory: Option<MemorySampler>,
@@ -105,7 +105,7 @@ impl Bench<'_> {
             let content_hash = if self.args.caching {
                 *hash
             } else {
-                self.next_hash
+                ContentHash::of(&self.next_hash.to_le_bytes())
             };
             let submitted = Instant::now();
             let stream = engine.submit(Request {
