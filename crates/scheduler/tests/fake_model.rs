@@ -28,6 +28,10 @@ pub struct FakeRunner {
     block_size: usize,
     pub encoded: Arc<std::sync::atomic::AtomicUsize>,
     pub fail_forward_every: Option<usize>,
+    /// Fails every forward whose batch holds this token: a fault of one sequence's input.
+    pub poison_token: Option<u32>,
+    /// Fails every encode whose batch holds the image of this seed.
+    pub poison_image: Option<u64>,
     forwards: usize,
 }
 
@@ -38,6 +42,8 @@ impl FakeRunner {
             block_size: config.block_size,
             encoded: Default::default(),
             fail_forward_every: None,
+            poison_token: None,
+            poison_image: None,
             forwards: 0,
         }
     }
@@ -48,6 +54,12 @@ impl ModelRunner for FakeRunner {
     type ImageEmbeds = Vec<u64>;
 
     fn encode_images(&mut self, images: &[&u64]) -> Result<Vec<Vec<u64>>, RunnerError> {
+        if self
+            .poison_image
+            .is_some_and(|p| images.iter().any(|&&seed| seed == p))
+        {
+            return Err(RunnerError("injected encoder failure".into()));
+        }
         self.encoded
             .fetch_add(images.len(), std::sync::atomic::Ordering::Relaxed);
         Ok(images
@@ -72,6 +84,13 @@ impl ModelRunner for FakeRunner {
         if let Some(every) = self.fail_forward_every {
             if self.forwards % every == 0 {
                 return Err(RunnerError("injected failure".into()));
+            }
+        }
+        if let Some(poison) = self.poison_token {
+            if batch.iter().any(|seq| seq.tokens.contains(&poison)) {
+                return Err(RunnerError(
+                    "injected failure of a poisoned sequence".into(),
+                ));
             }
         }
         let bs = self.block_size;
@@ -206,6 +225,8 @@ fn collect(rx: &mut RequestStream) -> Outcome {
 fn run_alone(config: &EngineConfig, req: &Request<u64>) -> Outcome {
     let mut config = config.clone();
     config.num_blocks = 512;
+    // Read only at the end: room for all of it.
+    config.max_buffered_output_bytes = usize::MAX;
     let mut s = Scheduler::new(FakeRunner::new(&config), config, decoder());
     let (tx, mut rx) = channel();
     s.add(clone_request(req), tx).unwrap();
@@ -529,4 +550,149 @@ fn n_completions_share_the_prompt() {
     assert_eq!(finished, [true; 4]);
     assert_eq!(outputs, alone);
     assert_eq!(s.free_blocks(), 200);
+}
+
+/// A token no prompt of `request` holds and the fake model never samples (its vocabulary is
+/// 0..64): a forward over it fails.
+const POISON: u32 = 777;
+
+/// One request's failing forward or encode fails that request alone: whatever the batch,
+/// preemption and caching, every other request yields exactly its tokens alone, the failed
+/// ones get an error, and every block comes back.
+#[test]
+fn a_sequence_that_breaks_the_model_fails_alone() {
+    for (prefix_caching, num_blocks, budget) in [(true, 512, 2048), (false, 40, 96), (true, 40, 64)]
+    {
+        let mut rng = StdRng::seed_from_u64(11 + num_blocks as u64 + budget as u64);
+        let mut config = EngineConfig::new(num_blocks, 8, 4096);
+        config.enable_prefix_caching = prefix_caching;
+        config.max_num_batched_tokens = budget;
+        config.max_images_per_step = 2;
+        let mut requests = mixed_workload(&mut rng, 24);
+        // Request 5 carries a poisoned token, request 9 a poisoned image (seed 13, which
+        // `mixed_workload` never draws), among requests that share its batches.
+        let poisoned_token = 5;
+        // Past its image (5..37) and within every prompt (80 tokens or more).
+        requests[poisoned_token].prompt[70] = POISON;
+        let poisoned_image = 9;
+        requests[poisoned_image] = request(&mut rng, 120, &[(20, 32, 13), (60, 16, 1)], 10);
+        let alone: Vec<Outcome> = requests.iter().map(|r| run_alone(&config, r)).collect();
+
+        let mut runner = FakeRunner::new(&config);
+        runner.poison_token = Some(POISON);
+        runner.poison_image = Some(13);
+        let mut s = Scheduler::new(runner, config.clone(), decoder());
+        let mut streams: Vec<RequestStream> = requests
+            .iter()
+            .map(|r| {
+                let (tx, rx) = channel();
+                s.add(clone_request(r), tx).unwrap();
+                rx
+            })
+            .collect();
+        let mut steps = 0;
+        while s.has_work() {
+            s.step();
+            steps += 1;
+            assert!(steps < 100_000, "no progress");
+        }
+        for (i, rx) in streams.iter_mut().enumerate() {
+            let got = collect(rx);
+            if i == poisoned_token || i == poisoned_image {
+                let error = got.error.expect("the poisoned request fails");
+                assert!(error.contains("injected"), "{error}");
+                assert!(got.tokens.is_empty() && got.reason.is_none());
+            } else {
+                assert_eq!(
+                    got, alone[i],
+                    "request {i} ({num_blocks} blocks, budget {budget})"
+                );
+            }
+        }
+        assert_eq!(s.stats().failed, 2, "{:?}", s.stats());
+        assert_eq!(s.free_blocks(), num_blocks, "every block back");
+    }
+}
+
+/// A model that fails every forward fails every request, each after a bounded number of
+/// retries, rather than retrying forever.
+#[test]
+fn a_model_that_always_fails_fails_every_request() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let config = EngineConfig::new(128, 8, 1024);
+    let mut runner = FakeRunner::new(&config);
+    runner.fail_forward_every = Some(1);
+    let mut s = Scheduler::new(runner, config.clone(), decoder());
+    let mut streams: Vec<RequestStream> = (0..7)
+        .map(|_| {
+            let (tx, rx) = channel();
+            s.add(request(&mut rng, 20, &[], 5), tx).unwrap();
+            rx
+        })
+        .collect();
+    s.step();
+    assert!(!s.has_work(), "one step fails them all");
+    for rx in &mut streams {
+        assert_eq!(collect(rx).error.as_deref(), Some("injected failure"));
+    }
+    assert_eq!(s.stats().failed, 7);
+    assert_eq!(s.free_blocks(), 128);
+}
+
+/// A request whose reader takes nothing is cancelled once its unread events reach the bound
+/// (all its completions, its blocks freed), while a request that is read completes as alone.
+#[test]
+fn a_request_never_read_is_cancelled_at_the_output_bound() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let mut config = EngineConfig::new(256, 8, 1024);
+    config.max_buffered_output_bytes = 4096;
+    let mut s = Scheduler::new(FakeRunner::new(&config), config.clone(), decoder());
+    let mut unread = request(&mut rng, 40, &[], 200);
+    unread.stop.eos_token_id = None;
+    unread.sampling.logprobs = Some(5);
+    unread.n = 4;
+    let read = request(&mut rng, 50, &[(4, 16, 2)], 30);
+    let expected = run_alone(&config, &read);
+
+    let (tx, mut unread_rx) = channel();
+    s.add(unread, tx).unwrap();
+    let (tx, mut read_rx) = channel();
+    s.add(clone_request(&read), tx).unwrap();
+    let mut got = Vec::new();
+    let mut steps = 0;
+    while s.has_work() {
+        s.step();
+        steps += 1;
+        assert!(
+            unread_rx.buffered_bytes() <= 4096 + 1024,
+            "{} bytes held",
+            unread_rx.buffered_bytes()
+        );
+        while let Some(event) = read_rx.try_next() {
+            got.push(event);
+        }
+    }
+    assert!(
+        steps < 200,
+        "cancelled long before its 4 × 200 tokens: {steps} steps"
+    );
+    let tokens: Vec<u32> = got
+        .iter()
+        .filter_map(|e| match e {
+            Event::Token { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tokens, expected.tokens);
+    assert!(matches!(got.last(), Some(Event::Finished { .. })));
+
+    let outcome = collect(&mut unread_rx);
+    let error = outcome.error.expect("the unread request is cancelled");
+    assert!(error.contains("unread"), "{error}");
+    assert!(!outcome.tokens.is_empty() && outcome.reason.is_none());
+    assert_eq!(unread_rx.buffered_bytes(), 0);
+    let stats = s.stats();
+    assert_eq!(stats.output_overflows, 1, "{stats:?}");
+    assert_eq!(stats.aborted, 4, "every completion of it: {stats:?}");
+    assert_eq!(s.free_blocks(), 256, "its blocks are back");
 }
