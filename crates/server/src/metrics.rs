@@ -88,6 +88,7 @@ pub struct Metrics {
     prefix_cache_hits: IntCounter,
     image_cache_queries: IntCounter,
     image_cache_hits: IntCounter,
+    request_output_buffer_overflows: IntCounter,
     request_success: IntCounterVec,
     http_requests: IntCounterVec,
     /// The engine's cumulative counters as far as they have been exported: each snapshot
@@ -224,6 +225,11 @@ impl Metrics {
                 "image_cache_hits_total",
                 "Vision encoder cache hits, in images.",
             ),
+            request_output_buffer_overflows: counter(
+                "request_output_buffer_overflows_total",
+                "Requests cancelled because their client left more than \
+                 max_buffered_output_bytes of output unread.",
+            ),
             request_success: counter_vec(
                 "request_success_total",
                 "Count of successfully processed requests.",
@@ -354,6 +360,11 @@ impl Metrics {
             &self.image_cache_hits,
             &mut seen.image_cache_hits,
             stats.image_cache_hits,
+        );
+        advance(
+            &self.request_output_buffer_overflows,
+            &mut seen.output_overflows,
+            stats.output_overflows,
         );
         // Requests whose client went away end inside the engine, without a Finished event.
         advance(

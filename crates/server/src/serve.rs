@@ -101,6 +101,7 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
     engine_config.max_num_batched_tokens = settings.max_num_batched_tokens;
     engine_config.enable_prefix_caching = settings.enable_prefix_caching;
     engine_config.max_images_per_step = settings.max_images_per_step;
+    engine_config.max_buffered_output_bytes = settings.max_buffered_output_bytes;
     let runner = CandleRunner::new(loaded.model.clone(), num_blocks, block_size)?;
     let decoder = Arc::new(TokenizerDecoder(loaded.tokenizer.clone()));
     let engine = Engine::start(runner, engine_config, decoder).map_err(anyhow::Error::msg)?;

@@ -4,6 +4,7 @@
 //! variable, its config-file key (the flag's name with underscores) and the merge.
 
 use anyhow::{bail, Context};
+use internvl_scheduler::config::DEFAULT_MAX_BUFFERED_OUTPUT_BYTES;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -73,6 +74,10 @@ settings! {
     max_images_per_step: usize, env = "INTERNVL_MAX_IMAGES_PER_STEP";
     /// Reuse the KV of shared prompt prefixes [default: true].
     enable_prefix_caching: bool, env = "INTERNVL_ENABLE_PREFIX_CACHING";
+    /// Most bytes of output one request may hold generated and not yet read by its client;
+    /// past it the request is cancelled, so a client that never reads costs a bounded amount
+    /// of memory [default: 4 MiB].
+    max_buffered_output_bytes: usize, env = "INTERNVL_MAX_BUFFERED_OUTPUT_BYTES";
     /// Largest request body in bytes [default: 64 MiB].
     max_body_bytes: usize, env = "INTERNVL_MAX_BODY_BYTES";
     /// Largest image file in bytes [default: 20 MiB].
@@ -115,6 +120,7 @@ pub struct Settings {
     pub max_images_per_request: usize,
     pub max_images_per_step: usize,
     pub enable_prefix_caching: bool,
+    pub max_buffered_output_bytes: usize,
     pub max_body_bytes: usize,
     pub max_image_bytes: usize,
     pub max_image_pixels: u64,
@@ -186,6 +192,11 @@ impl Settings {
                 a.max_images_per_step.unwrap_or(8),
             )?,
             enable_prefix_caching: a.enable_prefix_caching.unwrap_or(true),
+            max_buffered_output_bytes: positive(
+                "max_buffered_output_bytes",
+                a.max_buffered_output_bytes
+                    .unwrap_or(DEFAULT_MAX_BUFFERED_OUTPUT_BYTES),
+            )?,
             max_body_bytes: positive("max_body_bytes", a.max_body_bytes.unwrap_or(64 << 20))?,
             max_image_bytes: positive("max_image_bytes", a.max_image_bytes.unwrap_or(20 << 20))?,
             max_image_pixels: a.max_image_pixels.unwrap_or(50_000_000),
