@@ -27,6 +27,17 @@ use crate::logits_processors::{apply_logit_bias, ban, Penalties};
 /// The most top logprobs a request may ask for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// The highest temperature (OpenAI's bound). Above it the distribution is close to uniform
+/// and the output noise; refusing it keeps the server's answers to `temperature` as OpenAI's.
+pub const MAX_TEMPERATURE: f32 = 2.0;
+
+/// The highest repetition penalty. HF and vLLM take any positive value, but past 2 the
+/// penalty no longer steers (the output degenerates), and a bounded factor keeps penalised
+/// logits finite: a negative logit multiplied by 1e38 would become -inf and could leave no
+/// token to sample in the middle of a stream. (0, 2] keeps every value clients use in practice
+/// (1.05 to 1.5) and is the range this server's API always had.
+pub const MAX_REPETITION_PENALTY: f32 = 2.0;
+
 /// Temperatures below this are greedy, as in vLLM: dividing by them overflows the scaled
 /// logits to infinities and NaN.
 const GREEDY_BELOW: f32 = 1e-5;
@@ -36,7 +47,8 @@ const GREEDY_BELOW: f32 = 1e-5;
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// Divides the logits; 0 (or below 1e-5) means greedy, and then top_k, top_p, min_p and
-    /// the seed do not matter. Not OpenAI's default of 1: the server fills in its API's defaults.
+    /// the seed do not matter. In [0, [`MAX_TEMPERATURE`]]. Not OpenAI's default of 1: the
+    /// server fills in its API's defaults.
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens; 0 keeps all.
     pub top_k: usize,
@@ -50,7 +62,7 @@ pub struct SamplingParams {
     /// OpenAI's: subtracted from a token's logit once per time it was generated. In [-2, 2].
     pub frequency_penalty: f32,
     /// HF's and vLLM's: every token of the prompt or the output has a positive logit divided by
-    /// it, a negative one multiplied by it; 1 is neutral. Greater than 0.
+    /// it, a negative one multiplied by it; 1 is neutral. In (0, [`MAX_REPETITION_PENALTY`]].
     pub repetition_penalty: f32,
     /// Added to the logits of these token ids. Each bias in [-100, 100] as OpenAI: -100
     /// effectively bans a token, 100 effectively forces it.
@@ -88,7 +100,7 @@ impl SamplingParams {
         if vocab_size == 0 {
             return Err(SamplingError::EmptyVocab);
         }
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+        if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
             return Err(SamplingError::Temperature(self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
@@ -103,7 +115,7 @@ impl SamplingParams {
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
             return Err(SamplingError::FrequencyPenalty(self.frequency_penalty));
         }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= MAX_REPETITION_PENALTY) {
             return Err(SamplingError::RepetitionPenalty(self.repetition_penalty));
         }
         // Sorted so that the first offending id is reported, whatever the map's order.
@@ -130,7 +142,7 @@ impl SamplingParams {
 /// field so that the server can pass them on as they are.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SamplingError {
-    #[error("temperature must be a finite number >= 0, got {0}")]
+    #[error("temperature must be in [0, {MAX_TEMPERATURE}], got {0}")]
     Temperature(f32),
     #[error("top_p must be in (0, 1], got {0}")]
     TopP(f32),
@@ -140,7 +152,7 @@ pub enum SamplingError {
     PresencePenalty(f32),
     #[error("frequency_penalty must be in [-2, 2], got {0}")]
     FrequencyPenalty(f32),
-    #[error("repetition_penalty must be a finite number > 0, got {0}")]
+    #[error("repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {0}")]
     RepetitionPenalty(f32),
     #[error("logit_bias for token {token} must be in [-100, 100], got {bias}")]
     LogitBias { token: u32, bias: f32 },
@@ -860,7 +872,7 @@ mod tests {
         let logits = [5.0f32, 0.0, 1.0];
         let mut greedy = Sampler::new(SamplingParams::default(), 3).unwrap();
         assert_eq!(greedy.sample(&logits, &[], &[], &[0]).unwrap().token, 2);
-        let mut random = Sampler::new(with_temperature(5.0), 3).unwrap();
+        let mut random = Sampler::new(with_temperature(2.0), 3).unwrap();
         for _ in 0..1000 {
             assert_ne!(random.sample(&logits, &[], &[], &[0, 2]).unwrap().token, 0);
         }
@@ -1050,10 +1062,31 @@ mod tests {
         );
         check(
             SamplingParams {
+                temperature: 2.5,
+                ..p()
+            },
+            SamplingError::Temperature(2.5),
+        );
+        check(
+            SamplingParams {
                 repetition_penalty: 0.0,
                 ..p()
             },
             SamplingError::RepetitionPenalty(0.0),
+        );
+        check(
+            SamplingParams {
+                repetition_penalty: 2.5,
+                ..p()
+            },
+            SamplingError::RepetitionPenalty(2.5),
+        );
+        check(
+            SamplingParams {
+                repetition_penalty: f32::INFINITY,
+                ..p()
+            },
+            SamplingError::RepetitionPenalty(f32::INFINITY),
         );
         check(
             SamplingParams {

@@ -6,6 +6,16 @@
 //! still grow into a stop string, and releases it as soon as it cannot (or when the request
 //! finishes for another reason).
 
+/// Most stop strings one request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// Longest stop string, in bytes. Matching costs, for every generated token, up to the square
+/// of the longest stop string's length (see [`StopChecker::push`]): a 1 MB stop string would
+/// make each token cost seconds on the engine's thread. Real stop strings are a few
+/// characters ("\n\nUser:", "</s>"); 256 bytes keeps the worst token under a million byte
+/// comparisons for all of [`MAX_STOP_STRINGS`].
+pub const MAX_STOP_STRING_BYTES: usize = 256;
+
 /// Why a request finished: OpenAI's `finish_reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -51,8 +61,8 @@ pub struct StopParams {
     pub min_tokens: usize,
     /// Tokens that end the request; their text is not part of the output.
     pub stop_token_ids: Vec<u32>,
-    /// Strings that end the request; neither they nor anything after them is output. Not
-    /// empty strings.
+    /// Strings that end the request; neither they nor anything after them is output. At most
+    /// [`MAX_STOP_STRINGS`], each non-empty and at most [`MAX_STOP_STRING_BYTES`] long.
     pub stop_strings: Vec<String>,
     /// Keep going through EOS (which is then an ordinary token, text and count).
     pub ignore_eos: bool,
@@ -87,8 +97,18 @@ impl StopParams {
                 max_tokens: self.max_tokens,
             });
         }
+        if self.stop_strings.len() > MAX_STOP_STRINGS {
+            return Err(StopError::TooManyStopStrings(self.stop_strings.len()));
+        }
         if self.stop_strings.iter().any(String::is_empty) {
             return Err(StopError::EmptyStopString);
+        }
+        if let Some(stop) = self
+            .stop_strings
+            .iter()
+            .find(|s| s.len() > MAX_STOP_STRING_BYTES)
+        {
+            return Err(StopError::StopStringTooLong(stop.len()));
         }
         let eos = self.eos_token_id.filter(|_| !self.ignore_eos);
         if let Some(token) = self
@@ -116,6 +136,10 @@ pub enum StopError {
     },
     #[error("stop strings must not be empty")]
     EmptyStopString,
+    #[error("stop takes at most {MAX_STOP_STRINGS} strings, got {0}")]
+    TooManyStopStrings(usize),
+    #[error("a stop string may be at most {MAX_STOP_STRING_BYTES} bytes long, got {0}")]
+    StopStringTooLong(usize),
     #[error("stop token {token} is outside the vocabulary of {vocab_size} tokens")]
     TokenOutOfRange { token: u32, vocab_size: usize },
 }
@@ -126,7 +150,9 @@ impl StopError {
         match self {
             Self::MaxTokens => "max_tokens",
             Self::MinTokens { .. } => "min_tokens",
-            Self::EmptyStopString => "stop",
+            Self::EmptyStopString | Self::TooManyStopStrings(_) | Self::StopStringTooLong(_) => {
+                "stop"
+            }
             Self::TokenOutOfRange { .. } => "stop_token_ids",
         }
     }
@@ -483,6 +509,19 @@ mod tests {
             },
         );
         bad(with_stops(&["a", ""]), StopError::EmptyStopString);
+        let many: Vec<String> = (0..=MAX_STOP_STRINGS).map(|i| i.to_string()).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        bad(
+            with_stops(&many),
+            StopError::TooManyStopStrings(MAX_STOP_STRINGS + 1),
+        );
+        assert!(StopChecker::new(with_stops(&many[1..]), 100).is_ok());
+        let long = "x".repeat(MAX_STOP_STRING_BYTES + 1);
+        bad(
+            with_stops(&[long.as_str()]),
+            StopError::StopStringTooLong(MAX_STOP_STRING_BYTES + 1),
+        );
+        assert!(StopChecker::new(with_stops(&[&long[1..]]), 100).is_ok());
         bad(
             StopParams {
                 stop_token_ids: vec![100],
