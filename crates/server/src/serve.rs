@@ -33,6 +33,9 @@ pub fn app_state(settings: &Settings) -> anyhow::Result<Arc<AppState>> {
         max_images_per_request: settings.max_images_per_request,
         max_active_requests: settings.max_num_seqs + settings.max_queued_requests,
         max_body_bytes: settings.max_body_bytes,
+        max_prompt_bytes: settings.max_prompt_bytes,
+        max_request_image_bytes: settings.max_request_image_bytes,
+        max_image_memory: settings.max_image_memory,
         api_keys: settings.api_keys.clone(),
     };
     Ok(Arc::new(AppState::new(

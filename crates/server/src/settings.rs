@@ -80,8 +80,16 @@ settings! {
     max_buffered_output_bytes: usize, env = "INTERNVL_MAX_BUFFERED_OUTPUT_BYTES";
     /// Largest request body in bytes [default: 64 MiB].
     max_body_bytes: usize, env = "INTERNVL_MAX_BODY_BYTES";
+    /// Most bytes of text in one prompt, all messages together; longer prompts get 400 before
+    /// tokenizing [default: 1 MiB].
+    max_prompt_bytes: usize, env = "INTERNVL_MAX_PROMPT_BYTES";
     /// Largest image file in bytes [default: 20 MiB].
     max_image_bytes: usize, env = "INTERNVL_MAX_IMAGE_BYTES";
+    /// Most bytes of image files in one request, all its images together [default: 64 MiB].
+    max_request_image_bytes: usize, env = "INTERNVL_MAX_REQUEST_IMAGE_BYTES";
+    /// Memory for images across all requests (files being fetched, pixels held while a request
+    /// lives); past it, new image requests get 429 [default: 2 GiB].
+    max_image_memory: usize, env = "INTERNVL_MAX_IMAGE_MEMORY";
     /// Largest decoded image in pixels (decompression-bomb guard) [default: 50000000].
     max_image_pixels: u64, env = "INTERNVL_MAX_IMAGE_PIXELS";
     /// Seconds to fetch an http(s) image [default: 10].
@@ -122,7 +130,10 @@ pub struct Settings {
     pub enable_prefix_caching: bool,
     pub max_buffered_output_bytes: usize,
     pub max_body_bytes: usize,
+    pub max_prompt_bytes: usize,
     pub max_image_bytes: usize,
+    pub max_request_image_bytes: usize,
+    pub max_image_memory: usize,
     pub max_image_pixels: u64,
     pub image_fetch_timeout: u64,
     pub allow_private_image_urls: bool,
@@ -198,7 +209,13 @@ impl Settings {
                     .unwrap_or(DEFAULT_MAX_BUFFERED_OUTPUT_BYTES),
             )?,
             max_body_bytes: positive("max_body_bytes", a.max_body_bytes.unwrap_or(64 << 20))?,
+            max_prompt_bytes: positive("max_prompt_bytes", a.max_prompt_bytes.unwrap_or(1 << 20))?,
             max_image_bytes: positive("max_image_bytes", a.max_image_bytes.unwrap_or(20 << 20))?,
+            max_request_image_bytes: positive(
+                "max_request_image_bytes",
+                a.max_request_image_bytes.unwrap_or(64 << 20),
+            )?,
+            max_image_memory: positive("max_image_memory", a.max_image_memory.unwrap_or(2 << 30))?,
             max_image_pixels: a.max_image_pixels.unwrap_or(50_000_000),
             image_fetch_timeout: a.image_fetch_timeout.unwrap_or(10),
             allow_private_image_urls: a.allow_private_image_urls.unwrap_or(false),

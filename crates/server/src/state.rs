@@ -3,12 +3,13 @@
 use crate::api::error::ApiError;
 use crate::images::ImageFetcher;
 use crate::metrics::Metrics;
+use axum::http::StatusCode;
 use internvl_model::preprocess::PixelValues;
 use internvl_model::LoadedModel;
 use internvl_scheduler::Engine;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The model and the engine serving it, available once loading is done.
 pub struct Ready {
@@ -24,6 +25,13 @@ pub struct Limits {
     /// Requests admitted at once: the engine's sequences plus the queue behind them.
     pub max_active_requests: usize,
     pub max_body_bytes: usize,
+    /// Most bytes of text in one prompt (all messages, or `/tokenize`'s `prompt`), checked
+    /// before tokenizing.
+    pub max_prompt_bytes: usize,
+    /// Most bytes of image files one request may fetch, all its images together.
+    pub max_request_image_bytes: usize,
+    /// Image memory of all requests together: see [`AppState::reserve_image_memory`].
+    pub max_image_memory: usize,
     pub api_keys: Vec<String>,
 }
 
@@ -37,6 +45,13 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Image decodes in flight, bounded so preprocessing cannot take every blocking thread.
     pub preprocess_slots: Arc<Semaphore>,
+    /// Tokenizations in flight, bounded like `preprocess_slots` and apart from them, so that
+    /// long prompts can neither take every blocking thread nor wait behind image decodes.
+    tokenize_slots: Arc<Semaphore>,
+    /// KiB of image memory not reserved by any request.
+    image_memory: Arc<Semaphore>,
+    /// All of `image_memory`, in KiB.
+    image_memory_kib: usize,
     active: AtomicUsize,
     shutting_down: AtomicBool,
 }
@@ -52,6 +67,26 @@ impl Drop for Admission {
     }
 }
 
+/// Image memory reserved by one request, given back when dropped. Held with the request's
+/// [`Admission`] for as long as its images' bytes or pixels may live.
+pub struct ImageReservation {
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl ImageReservation {
+    /// Gives back all but `bytes` of the reservation, once less is held than was reserved.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        if let Some(permit) = &mut self.permit {
+            let surplus = permit.num_permits().saturating_sub(bytes.div_ceil(1024));
+            if surplus == permit.num_permits() {
+                self.permit = None;
+            } else {
+                drop(permit.split(surplus));
+            }
+        }
+    }
+}
+
 impl AppState {
     pub fn new(
         model_name: String,
@@ -59,6 +94,11 @@ impl AppState {
         fetcher: ImageFetcher,
         preprocess_workers: usize,
     ) -> Self {
+        // At most u32::MAX KiB (4 TiB): a reservation is taken as one `u32` count of permits.
+        let image_memory_kib = limits
+            .max_image_memory
+            .div_ceil(1024)
+            .min(u32::MAX as usize);
         AppState {
             metrics: Metrics::new(&model_name),
             model_name,
@@ -67,6 +107,9 @@ impl AppState {
             limits,
             fetcher,
             preprocess_slots: Arc::new(Semaphore::new(preprocess_workers.max(1))),
+            tokenize_slots: Arc::new(Semaphore::new(preprocess_workers.max(1))),
+            image_memory: Arc::new(Semaphore::new(image_memory_kib)),
+            image_memory_kib,
             active: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
         }
@@ -98,6 +141,57 @@ impl AppState {
         Ok(Admission {
             state: self.clone(),
         })
+    }
+
+    /// Runs `work` (tokenization: up to a second of CPU for the longest prompts) on the
+    /// blocking pool, a bounded number at a time, so that the async workers keep answering
+    /// every other route meanwhile.
+    pub async fn tokenize<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Ready) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _slot = self
+            .tokenize_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::unavailable("The server is shutting down"))?;
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || work(state.ready()?))
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenization crashed: {e}")))?
+    }
+
+    /// Reserves `bytes` of image memory (fetched files, and pixels held until the request
+    /// ends) among all requests, or refuses at once with 429 when the rest is reserved, as
+    /// [`AppState::admit`] does when the queue is full. A reservation larger than the whole
+    /// budget takes the whole budget: such a request runs when no other holds image memory.
+    pub fn reserve_image_memory(&self, bytes: usize) -> Result<ImageReservation, ApiError> {
+        let kib = bytes.div_ceil(1024).min(self.image_memory_kib);
+        if kib == 0 {
+            return Ok(ImageReservation { permit: None });
+        }
+        let permits = u32::try_from(kib).unwrap_or(u32::MAX);
+        let permit = self
+            .image_memory
+            .clone()
+            .try_acquire_many_owned(permits)
+            .map_err(|_| ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                retry_after: Some(1),
+                ..ApiError::bad_request(
+                    "The server is at capacity: images of other requests take all the memory \
+                     set aside for images; retry shortly",
+                )
+            })?;
+        Ok(ImageReservation {
+            permit: Some(permit),
+        })
+    }
+
+    /// KiB of image memory no request holds now.
+    pub fn image_memory_free_kib(&self) -> usize {
+        self.image_memory.available_permits()
     }
 
     pub fn active_requests(&self) -> usize {

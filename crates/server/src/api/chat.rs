@@ -6,9 +6,9 @@ use super::openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs,
     ChunkChoice, Delta, PromptTokensDetails, ResponseMessage, TokenLogprob, TopLogprob, Usage,
 };
-use super::validate::{validate_chat, ChatPlan};
+use super::validate::{check_model, submit_error, validate_chat, ChatPlan, Rules};
 use crate::runner::image_inputs;
-use crate::state::{Admission, AppState, Ready};
+use crate::state::{Admission, AppState, ImageReservation, Ready};
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -16,68 +16,66 @@ use axum::Json;
 use futures_util::stream::{self, Stream};
 use internvl_model::preprocess::{preprocess, PixelValues};
 use internvl_model::tokenizer::Tokenizer;
-use internvl_scheduler::{
-    Event, FinishReason, Request, RequestStream, StopParams, SubmitError, Usage as EngineUsage,
-};
+use internvl_scheduler::{Event, FinishReason, Request, RequestStream, Usage as EngineUsage};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// What a request holds until its answer is complete: its place among the admitted requests
+/// and the memory of its images' pixels.
+struct Held {
+    _admission: Admission,
+    _images: ImageReservation,
+}
+
+/// Every check runs before the answer starts, cheapest first: the request's fields (the
+/// engine's rules included) before tokenizing, the prompt's length before fetching images.
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
+    // The SSE body is polled after the request's span has closed: kept to log its failures.
+    let span = tracing::Span::current();
     let ready = state.ready()?;
-    if req.model != state.model_name {
-        return Err(ApiError::not_found(format!(
-            "The model `{}` does not exist; this server serves `{}`",
-            req.model, state.model_name
-        )));
-    }
+    check_model(&req.model, &state.model_name)?;
     if let Some(user) = &req.user {
         tracing::info!(user = %user, "chat completion");
     }
-    let plan = validate_chat(req, state.limits.max_images_per_request)?;
+    let vocab_size = ready.loaded.model.config().llm.vocab_size;
+    let rules = Rules {
+        max_images: state.limits.max_images_per_request,
+        max_prompt_bytes: state.limits.max_prompt_bytes,
+        vocab_size,
+        eos_token_id: ready.loaded.tokenizer.eos_id(),
+    };
+    let mut plan = validate_chat(req, &rules)?;
     let admission = state.admit()?;
-    let images = load_images(&state, ready, &plan.image_urls).await?;
-    let num_images = images.len();
-    let prompt = ready
-        .loaded
-        .encode_prompt(&plan.messages)
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let prompt_len = prompt.ids.len();
-    let max_len = ready.max_model_len;
-    let max_tokens = plan
-        .max_tokens
-        .unwrap_or(max_len.saturating_sub(prompt_len));
-    if max_tokens == 0 || prompt_len + max_tokens > max_len {
-        return Err(ApiError::invalid(
-            "messages",
-            format!(
-                "This model's maximum context length is {max_len} tokens. However, you requested \
-                 {} tokens ({prompt_len} in the messages, {max_tokens} in the completion). \
-                 Please reduce the length of the messages or completion.",
-                prompt_len + max_tokens
-            ),
-        ));
-    }
-    let tokens_per_image = ready.loaded.model.config().num_image_tokens();
-    let request = Request {
-        images: image_inputs(&prompt, tokens_per_image, images),
-        prompt: prompt.ids,
+    let messages = std::mem::take(&mut plan.messages);
+    let prompt = state
+        .tokenize(move |ready| {
+            ready
+                .loaded
+                .encode_prompt(&messages)
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))
+        })
+        .await?;
+    let mut request = Request {
+        images: Vec::new(),
+        prompt: prompt.ids.clone(),
         sampling: plan.sampling.clone(),
-        stop: StopParams {
-            max_tokens,
-            min_tokens: plan.min_tokens,
-            stop_strings: plan.stop_strings.clone(),
-            ignore_eos: plan.ignore_eos,
-            eos_token_id: Some(ready.loaded.tokenizer.eos_id()),
-            ..StopParams::default()
-        },
+        stop: plan.stop_for(prompt.ids.len(), ready.max_model_len),
         skip_special_tokens: true,
         n: plan.n,
     };
+    internvl_scheduler::validate(ready.engine.config(), vocab_size, &request)
+        .map_err(submit_error)?;
+    let (images, mut reservation) = load_images(&state, ready, &plan.image_urls).await?;
+    let num_images = images.len();
+    let tokens_per_image = ready.loaded.model.config().num_image_tokens();
+    request.images = image_inputs(&prompt, tokens_per_image, images);
+    // The files are hashed and gone: only the pixels are held from here on.
+    reservation.shrink_to(num_images.saturating_mul(pixel_bytes(ready)));
     let events = ready.engine.submit(request).map_err(submit_error)?;
     let reply = Reply {
         id: format!("chatcmpl-{}", random_id()),
@@ -89,38 +87,67 @@ pub async fn chat_completions(
         state: state.clone(),
         num_images,
     };
+    let held = Held {
+        _admission: admission,
+        _images: reservation,
+    };
     if plan.stream {
-        Ok(stream_reply(reply, plan, events, admission).into_response())
+        Ok(stream_reply(reply, plan, events, held, span).into_response())
     } else {
-        collect_reply(reply, plan, events, admission).await
+        collect_reply(reply, plan, events, held).await
     }
 }
 
-fn submit_error(e: SubmitError) -> ApiError {
-    match e {
-        SubmitError::Stopped => ApiError::unavailable("The engine has stopped"),
-        SubmitError::TooLong { .. } | SubmitError::CacheTooSmall { .. } => {
-            ApiError::invalid("messages", e.to_string())
-        }
-        SubmitError::BadN(_) => ApiError::invalid("n", e.to_string()),
-        SubmitError::Sampling(ref s) => match s.param() {
-            Some(param) => ApiError::invalid(param, e.to_string()),
-            None => ApiError::bad_request(e.to_string()),
-        },
-        SubmitError::Stop(ref s) => ApiError::invalid(s.param(), e.to_string()),
-        other => ApiError::bad_request(other.to_string()),
+/// Bytes of one image's pixels as the model takes them: 3 channels of f32.
+fn pixel_bytes(ready: &Ready) -> usize {
+    let side = ready.loaded.preprocess.image_size as usize;
+    3 * side * side * std::mem::size_of::<f32>()
+}
+
+/// The most bytes the file behind `url` may have: a data URL's decoded size is known from its
+/// length (4 base64 characters per 3 bytes), any other URL may bring up to `max_bytes`.
+fn file_bound(url: &str, max_bytes: usize) -> usize {
+    let url = url.trim();
+    if url
+        .get(..5)
+        .is_some_and(|s| s.eq_ignore_ascii_case("data:"))
+    {
+        (url.len() / 4 * 3 + 3).min(max_bytes)
+    } else {
+        max_bytes
     }
 }
 
-/// Fetches every image and preprocesses it on the blocking pool, a bounded number at a time.
+/// Fetches every image and preprocesses it on the blocking pool, a bounded number at a time,
+/// with the image memory of the worst case reserved before the first byte arrives; returned
+/// with the reservation cut to what the files and pixels take.
 async fn load_images(
     state: &Arc<AppState>,
     ready: &Ready,
     urls: &[String],
-) -> Result<Vec<(Vec<u8>, PixelValues)>, ApiError> {
+) -> Result<(Vec<(Vec<u8>, PixelValues)>, ImageReservation), ApiError> {
+    let pixels = pixel_bytes(ready);
+    let max_file = ready.loaded.preprocess.limits.max_bytes;
+    let worst = urls
+        .iter()
+        .map(|u| file_bound(u, max_file).saturating_add(pixels))
+        .fold(0, usize::saturating_add);
+    let mut reservation = state.reserve_image_memory(worst)?;
     let fetched = futures_util::future::try_join_all(urls.iter().map(|u| state.fetcher.fetch(u)))
         .await
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let file_bytes = fetched.iter().map(Vec::len).fold(0, usize::saturating_add);
+    let max_request = state.limits.max_request_image_bytes;
+    if file_bytes > max_request {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "The images of this request take {file_bytes} bytes; at most {max_request} \
+                 are allowed in one request"
+            ),
+        ));
+    }
+    reservation.shrink_to(file_bytes.saturating_add(pixels.saturating_mul(urls.len())));
     let jobs = fetched.into_iter().enumerate().map(|(i, bytes)| {
         let config = ready.loaded.preprocess.clone();
         let slots = state.preprocess_slots.clone();
@@ -143,7 +170,8 @@ async fn load_images(
             Ok::<_, ApiError>((bytes, pixels))
         }
     });
-    futures_util::future::try_join_all(jobs).await
+    let images = futures_util::future::try_join_all(jobs).await?;
+    Ok((images, reservation))
 }
 
 /// What every chunk or answer of one request repeats.
@@ -218,7 +246,7 @@ async fn collect_reply(
     reply: Reply,
     plan: ChatPlan,
     mut events: RequestStream,
-    _admission: Admission,
+    _held: Held,
 ) -> Result<Response, ApiError> {
     let wants_logprobs = plan.sampling.logprobs.is_some();
     let mut choices: Vec<Choice> = (0..plan.n)
@@ -295,7 +323,9 @@ struct Streaming {
     usage: Usage,
     pending: VecDeque<SseEvent>,
     finished: bool,
-    _admission: Admission,
+    /// The request's span, entered to report a failure with the request's id.
+    span: tracing::Span,
+    _held: Held,
 }
 
 impl Streaming {
@@ -315,9 +345,14 @@ impl Streaming {
         self.event(vec![choice], self.include_usage.then_some(None))
     }
 
-    /// Ends the stream with `error` as an OpenAI error event, then `[DONE]` as vLLM does, so
-    /// clients that read until `[DONE]` stop too (the OpenAI SDK raises on the error).
-    fn fail(&mut self, error: ApiError) {
+    /// Ends the stream with a 500 error event for `detail` (logged with the request's id, not
+    /// sent: the client is told in plain words), then `[DONE]` as vLLM does, so clients that
+    /// read until `[DONE]` stop too (the OpenAI SDK raises on the error).
+    fn fail(&mut self, detail: String) {
+        let error = {
+            let _entered = self.span.enter();
+            ApiError::internal(detail)
+        };
         self.pending
             .push_back(SseEvent::default().data(error.body().to_string()));
         self.pending.push_back(SseEvent::default().data("[DONE]"));
@@ -392,10 +427,8 @@ impl Streaming {
                     self.finished = true;
                 }
             }
-            Some(Event::Error { message }) => {
-                self.fail(ApiError::internal(format!("generation failed: {message}")));
-            }
-            None => self.fail(ApiError::internal("the engine stopped mid-request")),
+            Some(Event::Error { message }) => self.fail(format!("generation failed: {message}")),
+            None => self.fail("the engine stopped mid-request".to_string()),
         }
         true
     }
@@ -405,7 +438,8 @@ fn stream_reply(
     reply: Reply,
     plan: ChatPlan,
     events: RequestStream,
-    admission: Admission,
+    held: Held,
+    span: tracing::Span,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let mut state = Streaming {
         reply,
@@ -416,7 +450,8 @@ fn stream_reply(
         usage: Usage::default(),
         pending: VecDeque::new(),
         finished: false,
-        _admission: admission,
+        span,
+        _held: held,
     };
     for index in 0..plan.n {
         let delta = Delta {

@@ -5,7 +5,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::middleware::{authenticate, count_http, request_id};
 use super::openai::{ModelCard, ModelList, TokenizeRequest, TokenizeResponse};
-use super::validate::convert_messages;
+use super::validate::{check_model, check_prompt_bytes, convert_messages};
 use crate::state::AppState;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
@@ -65,33 +65,42 @@ async fn models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList>, A
     }))
 }
 
-/// vLLM's `/tokenize`: the prompt ids of a chat (images as their placeholders) or of a text.
+/// vLLM's `/tokenize`: the prompt ids of a chat (images as their placeholders) or of a text,
+/// tokenized on the blocking pool under the same size cap as chats.
 async fn tokenize(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let ready = state.ready()?;
+    let max_model_len = state.ready()?.max_model_len;
     if let Some(model) = &req.model {
-        if *model != state.model_name {
-            return Err(ApiError::not_found(format!(
-                "The model `{model}` does not exist"
-            )));
-        }
+        check_model(model, &state.model_name)?;
     }
-    let tokens = match (&req.messages, &req.prompt) {
+    let max_bytes = state.limits.max_prompt_bytes;
+    let tokens = match (req.messages, req.prompt) {
         (Some(messages), None) => {
-            let (messages, _) = convert_messages(messages)?;
-            ready
-                .loaded
-                .encode_prompt(&messages)
-                .map_err(|e| ApiError::invalid("messages", e.to_string()))?
-                .ids
+            let (messages, _) = convert_messages(&messages, max_bytes)?;
+            state
+                .tokenize(move |ready| {
+                    ready
+                        .loaded
+                        .encode_prompt(&messages)
+                        .map(|prompt| prompt.ids)
+                        .map_err(|e| ApiError::invalid("messages", e.to_string()))
+                })
+                .await?
         }
-        (None, Some(prompt)) => ready
-            .loaded
-            .tokenizer
-            .encode(prompt)
-            .map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
+        (None, Some(prompt)) => {
+            check_prompt_bytes("prompt", prompt.len(), max_bytes)?;
+            state
+                .tokenize(move |ready| {
+                    ready
+                        .loaded
+                        .tokenizer
+                        .encode(&prompt)
+                        .map_err(|e| ApiError::invalid("prompt", e.to_string()))
+                })
+                .await?
+        }
         _ => {
             return Err(ApiError::bad_request(
                 "Give exactly one of `messages` and `prompt`",
@@ -100,7 +109,7 @@ async fn tokenize(
     };
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
-        max_model_len: ready.max_model_len,
+        max_model_len,
         tokens,
     }))
 }

@@ -7,14 +7,23 @@ use super::openai::{
     ChatCompletionRequest, ContentPart, MessageContent, RequestMessage, Stop, UNSUPPORTED_FIELDS,
 };
 use internvl_model::prompt::{ChatMessage, Part, Role};
-use internvl_scheduler::sampling::MAX_TOP_LOGPROBS;
-use internvl_scheduler::scheduler::MAX_N;
-use internvl_scheduler::SamplingParams;
+use internvl_scheduler::{SamplingError, SamplingParams, StopError, StopParams, SubmitError};
 
-/// Most stop strings per request.
-const MAX_STOP_STRINGS: usize = 16;
+/// What a request is checked against: this server's limits and its model.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    pub max_images: usize,
+    /// Most bytes of text in all messages together.
+    pub max_prompt_bytes: usize,
+    /// Width of the model's logits: every token id a request names must be below it.
+    pub vocab_size: usize,
+    pub eos_token_id: u32,
+}
 
-/// A valid chat request, ready for tokenization.
+/// A valid chat request, ready for tokenization. Its sampling and stop settings have passed
+/// the engine's own checks ([`SamplingParams::validate`], [`StopParams::validate`]); what
+/// needs the prompt (its length against the context, `n`) is checked by
+/// [`internvl_scheduler::validate`] once it is tokenized, before any image is fetched.
 #[derive(Debug)]
 pub struct ChatPlan {
     pub messages: Vec<ChatMessage>,
@@ -23,16 +32,65 @@ pub struct ChatPlan {
     pub sampling: SamplingParams,
     /// `None`: as many as fit in the model's context.
     pub max_tokens: Option<usize>,
-    pub min_tokens: usize,
-    pub stop_strings: Vec<String>,
-    pub ignore_eos: bool,
+    /// With `max_tokens` as asked, or unbounded (`usize::MAX`) until the prompt is known: see
+    /// [`ChatPlan::stop_for`].
+    pub stop: StopParams,
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
 }
 
-/// Checks a chat request; `max_images` bounds the images of one request.
-pub fn validate_chat(req: ChatCompletionRequest, max_images: usize) -> Result<ChatPlan, ApiError> {
+impl ChatPlan {
+    /// The stop settings for a prompt of `prompt_len` tokens: `max_tokens` as asked, or what
+    /// the context leaves (at least 1, so that a prompt filling the whole context is refused
+    /// for its length rather than for asking no tokens).
+    pub fn stop_for(&self, prompt_len: usize, max_model_len: usize) -> StopParams {
+        let fits = max_model_len.saturating_sub(prompt_len).max(1);
+        StopParams {
+            max_tokens: self.max_tokens.unwrap_or(fits),
+            ..self.stop.clone()
+        }
+    }
+}
+
+/// A client's count as a `usize`. Saturating is exact here: every limit a count meets is at
+/// most `usize::MAX`, so a count past it is refused by the same rule as any other too large.
+fn count(value: u64) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
+}
+
+/// 404 for a model this server does not serve. Only the start of the name is echoed: the
+/// field is unbounded (up to the body limit), the answer must not be.
+pub fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
+    const ECHOED_CHARS: usize = 64;
+    if requested == served {
+        return Ok(());
+    }
+    let mut shown: String = requested.chars().take(ECHOED_CHARS).collect();
+    if shown.len() < requested.len() {
+        shown.push('…');
+    }
+    Err(ApiError::not_found(format!(
+        "The model `{shown}` does not exist; this server serves `{served}`"
+    )))
+}
+
+/// Refuses `bytes` of prompt text past `max`, before any of it is tokenized.
+pub fn check_prompt_bytes(param: &str, bytes: usize, max: usize) -> Result<(), ApiError> {
+    if bytes > max {
+        return Err(ApiError::invalid(
+            param,
+            format!("The prompt has more than {max} bytes of text; shorten it"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a chat request and turns its fields into the engine's types. Range rules are the
+/// engine's alone; what is checked here is what the engine's types cannot express (JSON
+/// shapes, `top_k: -1`, token ids as strings) and what is this server's (fields it does not
+/// support, images per request, prompt size).
+pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPlan, ApiError> {
     for field in UNSUPPORTED_FIELDS {
         if req.other.get(field).is_some_and(|v| !v.is_null()) {
             return Err(ApiError::invalid(
@@ -49,13 +107,14 @@ pub fn validate_chat(req: ChatCompletionRequest, max_images: usize) -> Result<Ch
             ));
         }
     }
-    let (messages, image_urls) = convert_messages(&req.messages)?;
-    if image_urls.len() > max_images {
+    let (messages, image_urls) = convert_messages(&req.messages, rules.max_prompt_bytes)?;
+    if image_urls.len() > rules.max_images {
         return Err(ApiError::invalid(
             "messages",
             format!(
-                "{} images in one request; at most {max_images} are allowed",
-                image_urls.len()
+                "{} images in one request; at most {} are allowed",
+                image_urls.len(),
+                rules.max_images
             ),
         ));
     }
@@ -65,99 +124,58 @@ pub fn validate_chat(req: ChatCompletionRequest, max_images: usize) -> Result<Ch
             "stream_options is only allowed when stream is true",
         ));
     }
-    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
-        Some(0) => {
-            let param = if req.max_completion_tokens.is_some() {
-                "max_completion_tokens"
-            } else {
-                "max_tokens"
-            };
-            return Err(ApiError::invalid(
-                param,
-                format!("{param} must be at least 1"),
-            ));
-        }
-        other => other.map(|v| v.min(usize::MAX as u64) as usize),
+    let max_tokens_param = if req.max_completion_tokens.is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
     };
-    let min_tokens = req.min_tokens.unwrap_or(0) as usize;
-    if max_tokens.is_some_and(|m| min_tokens > m) {
-        return Err(ApiError::invalid(
-            "min_tokens",
-            "min_tokens must not exceed max_tokens",
-        ));
-    }
-    let n = req.n.unwrap_or(1);
-    if n == 0 || n > MAX_N as u64 {
-        return Err(ApiError::invalid(
-            "n",
-            format!("n must be between 1 and {MAX_N}"),
-        ));
-    }
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens).map(count);
     let sampling = sampling(&req)?;
-    let stop_strings = match req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
+    sampling
+        .validate(rules.vocab_size)
+        .map_err(|e| sampling_error(&e))?;
+    let stop = StopParams {
+        max_tokens: max_tokens.unwrap_or(usize::MAX),
+        min_tokens: req.min_tokens.map_or(0, count),
+        stop_strings: match req.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        },
+        ignore_eos: req.ignore_eos,
+        eos_token_id: Some(rules.eos_token_id),
+        ..StopParams::default()
     };
-    if stop_strings.len() > MAX_STOP_STRINGS || stop_strings.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(
-            "stop",
-            format!("stop takes at most {MAX_STOP_STRINGS} non-empty strings"),
-        ));
-    }
+    stop.validate(rules.vocab_size).map_err(|e| match e {
+        StopError::MaxTokens => ApiError::invalid(
+            max_tokens_param,
+            format!("{max_tokens_param} must be at least 1"),
+        ),
+        other => ApiError::invalid(other.param(), other.to_string()),
+    })?;
     Ok(ChatPlan {
         messages,
         image_urls,
         sampling,
         max_tokens,
-        min_tokens,
-        stop_strings,
-        ignore_eos: req.ignore_eos,
-        n: n as usize,
+        stop,
+        n: req.n.map_or(1, count),
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
     })
 }
 
-fn in_range(
-    param: &str,
-    value: Option<f32>,
-    lo: f32,
-    hi: f32,
-    default: f32,
-) -> Result<f32, ApiError> {
-    let v = value.unwrap_or(default);
-    if !(v.is_finite() && v >= lo && v <= hi) {
-        return Err(ApiError::invalid(
-            param,
-            format!("{param} must be between {lo} and {hi}, got {v}"),
-        ));
-    }
-    Ok(v)
-}
-
+/// The OpenAI sampling fields as the engine's settings, OpenAI's defaults filled in.
 fn sampling(req: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
-    let top_p = in_range("top_p", req.top_p, 0.0, 1.0, 1.0)?;
-    if top_p == 0.0 {
-        return Err(ApiError::invalid("top_p", "top_p must be greater than 0"));
-    }
     let top_k = match req.top_k {
         None | Some(-1) | Some(0) => 0,
-        Some(k) if k > 0 => k as usize,
-        Some(k) => {
-            return Err(ApiError::invalid(
+        Some(k) => usize::try_from(k).map_err(|_| {
+            ApiError::invalid(
                 "top_k",
                 format!("top_k must be -1 (off) or positive, got {k}"),
-            ))
-        }
+            )
+        })?,
     };
-    let repetition_penalty = req.repetition_penalty.unwrap_or(1.0);
-    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0 && repetition_penalty <= 2.0) {
-        return Err(ApiError::invalid(
-            "repetition_penalty",
-            "repetition_penalty must be in (0, 2]",
-        ));
-    }
     let logit_bias = req
         .logit_bias
         .iter()
@@ -166,12 +184,6 @@ fn sampling(req: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
             let id: u32 = token.parse().map_err(|_| {
                 ApiError::invalid("logit_bias", format!("`{token}` is not a token id"))
             })?;
-            if !(-100.0..=100.0).contains(&bias) {
-                return Err(ApiError::invalid(
-                    "logit_bias",
-                    format!("bias {bias} for token {id} is outside [-100, 100]"),
-                ));
-            }
             Ok((id, bias))
         })
         .collect::<Result<_, _>>()?;
@@ -183,38 +195,67 @@ fn sampling(req: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
             ))
         }
         (false, None) => None,
-        (true, top) => {
-            let top = top.unwrap_or(0);
-            if top > MAX_TOP_LOGPROBS as u64 {
-                return Err(ApiError::invalid(
-                    "top_logprobs",
-                    format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}"),
-                ));
-            }
-            Some(top as usize)
-        }
+        (true, top) => Some(top.map_or(0, count)),
     };
     Ok(SamplingParams {
-        temperature: in_range("temperature", req.temperature, 0.0, 2.0, 1.0)?,
+        temperature: req.temperature.unwrap_or(1.0),
         top_k,
-        top_p,
-        min_p: in_range("min_p", req.min_p, 0.0, 1.0, 0.0)?,
-        presence_penalty: in_range("presence_penalty", req.presence_penalty, -2.0, 2.0, 0.0)?,
-        frequency_penalty: in_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0, 0.0)?,
-        repetition_penalty,
+        top_p: req.top_p.unwrap_or(1.0),
+        min_p: req.min_p.unwrap_or(0.0),
+        presence_penalty: req.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
         logit_bias,
         logprobs,
+        // Reinterpreted, not clamped: each i64 seed is its own u64 seed.
         seed: req.seed.map(|s| s as u64),
     })
 }
 
+fn sampling_error(e: &SamplingError) -> ApiError {
+    match e.param() {
+        Some(param) => ApiError::invalid(param, e.to_string()),
+        None => ApiError::bad_request(e.to_string()),
+    }
+}
+
+/// The engine's refusal of a request, as the 400 (or 503) that names the field at fault.
+pub fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Stopped => ApiError::unavailable("The engine has stopped"),
+        SubmitError::TooLong {
+            prompt,
+            max_tokens,
+            max_model_len,
+        } => ApiError::invalid(
+            "messages",
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, you \
+                 requested {} tokens ({prompt} in the messages, {max_tokens} in the \
+                 completion). Please reduce the length of the messages or completion.",
+                // Wider than usize: `max_tokens` may be anything the client sent.
+                prompt as u128 + max_tokens as u128
+            ),
+        ),
+        SubmitError::CacheTooSmall { .. } => ApiError::invalid("messages", e.to_string()),
+        SubmitError::BadN(_) => ApiError::invalid("n", e.to_string()),
+        SubmitError::NoTokens => ApiError::invalid("max_tokens", e.to_string()),
+        SubmitError::Sampling(ref s) => sampling_error(s),
+        SubmitError::Stop(ref s) => ApiError::invalid(s.param(), e.to_string()),
+        other => ApiError::bad_request(other.to_string()),
+    }
+}
+
 /// OpenAI messages → template messages and the image URLs they reference, in order.
+/// `max_prompt_bytes` bounds their text, all messages together.
 pub fn convert_messages(
     messages: &[RequestMessage],
+    max_prompt_bytes: usize,
 ) -> Result<(Vec<ChatMessage>, Vec<String>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
+    check_prompt_bytes("messages", text_bytes(messages), max_prompt_bytes)?;
     let mut urls = Vec::new();
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
@@ -253,6 +294,23 @@ pub fn convert_messages(
         ));
     }
     Ok((out, urls))
+}
+
+/// Bytes of text in `messages`, counted before any of it is copied.
+fn text_bytes(messages: &[RequestMessage]) -> usize {
+    messages
+        .iter()
+        .map(|m| match &m.content {
+            None => 0,
+            Some(MessageContent::Text(text)) => text.len(),
+            Some(MessageContent::Parts(parts)) => parts
+                .iter()
+                .filter(|p| p.kind == "text")
+                .filter_map(|p| p.text.as_ref())
+                .map(String::len)
+                .fold(0, usize::saturating_add),
+        })
+        .fold(0, usize::saturating_add)
 }
 
 fn convert_part(
@@ -301,7 +359,16 @@ mod tests {
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
-        validate_chat(request(body), 4)
+        validate_chat(request(body), &rules(4))
+    }
+
+    fn rules(max_images: usize) -> Rules {
+        Rules {
+            max_images,
+            max_prompt_bytes: 64,
+            vocab_size: 100,
+            eos_token_id: 2,
+        }
     }
 
     #[test]
@@ -327,16 +394,19 @@ mod tests {
         assert_eq!(plan.sampling.top_k, 3);
         assert_eq!(plan.sampling.logit_bias.get(&42), Some(&5.0));
         assert_eq!(plan.sampling.logprobs, Some(3));
-        assert_eq!(plan.stop_strings, vec!["x".to_string()]);
-        assert!(plan.include_usage && plan.ignore_eos && plan.stream);
+        assert_eq!(plan.stop.stop_strings, vec!["x".to_string()]);
+        assert!(plan.include_usage && plan.stop.ignore_eos && plan.stream);
         assert_eq!(
-            (plan.n, plan.min_tokens, plan.sampling.seed),
+            (plan.n, plan.stop.min_tokens, plan.sampling.seed),
             (2, 2, Some(9))
         );
+        assert_eq!(plan.stop.eos_token_id, Some(2));
     }
 
     #[test]
     fn bad_values_name_their_field() {
+        let long_stop = "x".repeat(257);
+        let (text_65, text_40) = ("x".repeat(65), "x".repeat(40));
         let cases = [
             (json!({"temperature": 3}), "temperature"),
             (json!({"top_p": 0}), "top_p"),
@@ -350,7 +420,35 @@ mod tests {
             ),
             (json!({"logit_bias": {"abc": 1}}), "logit_bias"),
             (json!({"logit_bias": {"1": 101}}), "logit_bias"),
+            (json!({"logit_bias": {"100": 1}}), "logit_bias"),
+            (json!({"logit_bias": {"-1": 1}}), "logit_bias"),
             (json!({"stop": [""]}), "stop"),
+            (json!({"stop": vec!["a"; 17]}), "stop"),
+            (json!({"stop": long_stop}), "stop"),
+            (json!({"repetition_penalty": 2.5}), "repetition_penalty"),
+            (json!({"repetition_penalty": 0}), "repetition_penalty"),
+            (json!({"top_p": 1.5}), "top_p"),
+            (json!({"min_p": -1}), "min_p"),
+            (json!({"frequency_penalty": 3}), "frequency_penalty"),
+            (json!({"max_completion_tokens": 0}), "max_completion_tokens"),
+            (
+                json!({"min_tokens": u64::MAX, "max_tokens": 3}),
+                "min_tokens",
+            ),
+            (
+                json!({"logprobs": true, "top_logprobs": u64::MAX}),
+                "top_logprobs",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": text_65}]}),
+                "messages",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [
+                    {"type": "text", "text": text_40},
+                    {"type": "text", "text": text_40}]}]}),
+                "messages",
+            ),
             (json!({"tools": [{"type": "function"}]}), "tools"),
             (
                 json!({"response_format": {"type": "json_object"}}),
@@ -387,7 +485,7 @@ mod tests {
             {"role": "assistant", "content": null},
             {"role": "user", "content": "and?"}
         ]});
-        let plan = validate_chat(request(body), 4).unwrap();
+        let plan = validate_chat(request(body), &rules(4)).unwrap();
         assert_eq!(plan.image_urls, vec!["data:a", "data:b"]);
         assert_eq!(plan.messages[0].role, Role::System);
         assert_eq!(plan.messages[1].parts.len(), 3);
@@ -397,7 +495,7 @@ mod tests {
             {"type": "image_url", "image_url": {"url": "2"}}
         ]}]});
         assert_eq!(
-            validate_chat(request(too_many), 1)
+            validate_chat(request(too_many), &rules(1))
                 .unwrap_err()
                 .param
                 .as_deref(),
@@ -405,7 +503,7 @@ mod tests {
         );
         let bad_role = json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]});
         assert_eq!(
-            validate_chat(request(bad_role), 1)
+            validate_chat(request(bad_role), &rules(1))
                 .unwrap_err()
                 .param
                 .as_deref(),
@@ -414,13 +512,58 @@ mod tests {
         let audio = json!({"model": "m", "messages": [{"role": "user", "content": [
             {"type": "input_audio", "input_audio": {}}]}]});
         assert_eq!(
-            validate_chat(request(audio), 1)
+            validate_chat(request(audio), &rules(1))
                 .unwrap_err()
                 .param
                 .as_deref(),
             Some("messages[0].content[0].type")
         );
         let no_user = json!({"model": "m", "messages": [{"role": "system", "content": "x"}]});
-        assert!(validate_chat(request(no_user), 1).is_err());
+        assert!(validate_chat(request(no_user), &rules(1)).is_err());
+    }
+
+    #[test]
+    fn counts_past_usize_saturate_and_lengths_are_left_to_the_context_check() {
+        let plan = chat(json!({"max_tokens": u64::MAX, "n": u64::MAX})).unwrap();
+        assert_eq!((plan.max_tokens, plan.n), (Some(usize::MAX), usize::MAX));
+        assert_eq!(plan.stop_for(10, 2048).max_tokens, usize::MAX);
+        let plan = chat(json!({})).unwrap();
+        assert_eq!(plan.stop_for(10, 2048).max_tokens, 2038);
+        assert_eq!(
+            plan.stop_for(4000, 2048).max_tokens,
+            1,
+            "refused for its length"
+        );
+        let e = submit_error(SubmitError::TooLong {
+            prompt: 10,
+            max_tokens: usize::MAX,
+            max_model_len: 2048,
+        });
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        assert!(
+            e.message.contains("18446744073709551625 tokens"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            submit_error(SubmitError::BadN(0)).param.as_deref(),
+            Some("n")
+        );
+    }
+
+    #[test]
+    fn unknown_models_are_echoed_truncated() {
+        assert!(check_model("m", "m").is_ok());
+        let long = "é".repeat(100_000);
+        let e = check_model(&long, "m").unwrap_err();
+        assert_eq!(e.status.as_u16(), 404);
+        assert!(
+            e.message.contains(&format!("`{}…`", "é".repeat(64))),
+            "{}",
+            e.message
+        );
+        assert!(e.message.len() < 300);
+        let e = check_model("gpt-4o", "m").unwrap_err();
+        assert!(e.message.contains("`gpt-4o`"), "{}", e.message);
     }
 }
