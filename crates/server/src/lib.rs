@@ -1,6 +1,7 @@
 //! The `internvl` server: the engine behind an OpenAI-compatible API, and the command line.
 
 pub mod api;
+pub mod connections;
 pub mod device;
 pub mod images;
 pub mod loading;

@@ -68,4 +68,29 @@ fn init_logging(json: bool, default_level: &str) {
     } else {
         builder.init();
     }
+    log_panics();
+}
+
+/// Panics go to the log at ERROR, inside the span of the request that panicked (so with its
+/// id), instead of as bare text on stderr; the backtrace too, when `RUST_BACKTRACE` asks.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let backtrace = std::backtrace::Backtrace::capture();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a non-text panic payload");
+        match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => {
+                tracing::error!(%location, %backtrace, "panicked: {message}")
+            }
+            _ => tracing::error!(%location, "panicked: {message}"),
+        }
+    }));
 }

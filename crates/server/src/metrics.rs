@@ -91,6 +91,7 @@ pub struct Metrics {
     request_output_buffer_overflows: IntCounter,
     request_success: IntCounterVec,
     http_requests: IntCounterVec,
+    http_connections_refused: IntCounter,
     /// The engine's cumulative counters as far as they have been exported: each snapshot
     /// advances our counters by what it adds beyond these.
     engine_seen: Mutex<EngineStats>,
@@ -240,6 +241,10 @@ impl Metrics {
                 "HTTP requests by route and status code.",
                 &["route", "status"],
             ),
+            http_connections_refused: counter(
+                "http_connections_refused_total",
+                "Client connections closed on accept because max_connections were open.",
+            ),
             engine_seen: Mutex::new(EngineStats::default()),
             registry,
         };
@@ -309,6 +314,11 @@ impl Metrics {
         self.http_requests
             .with_label_values(&[route, &status.to_string()])
             .inc();
+    }
+
+    /// Counts one connection closed on accept for being over the connection cap.
+    pub fn observe_connection_refused(&self) {
+        self.http_connections_refused.inc();
     }
 
     /// Takes the engine's latest snapshot: overwrites the gauges and advances the counters by
@@ -803,6 +813,7 @@ mod tests {
             ("image_cache_hits_total", "counter"),
             ("request_success_total", "counter"),
             ("http_requests_total", "counter"),
+            ("http_connections_refused_total", "counter"),
         ]
         .into_iter()
         .collect();

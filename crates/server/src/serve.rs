@@ -1,6 +1,7 @@
 //! `internvl serve`: load the model, run the engine, answer HTTP until told to stop.
 
 use crate::api::routes::router;
+use crate::connections::{self, ConnectionLimits, InFlight};
 use crate::device::{parse_device, parse_dtype};
 use crate::images::{ImageFetchConfig, ImageFetcher};
 use crate::loading::load_model;
@@ -167,8 +168,10 @@ fn load_progress() -> ProgressFn {
     })
 }
 
-/// Serves on `listener` until `shutdown` resolves, then drains in-flight requests for up to
-/// `settings.shutdown_timeout` seconds. The model loads in the background meanwhile.
+/// Serves on `listener` until `shutdown` resolves, then drains: the port stays open and
+/// answers 503 (so probes and balancers see the drain rather than a refused connection),
+/// idle connections close at once, and the call returns as soon as no request is in flight,
+/// or after `settings.shutdown_timeout` seconds. The model loads in the background meanwhile.
 pub async fn serve(
     settings: Settings,
     listener: TcpListener,
@@ -186,27 +189,32 @@ pub async fn serve(
             let _ = loader_state.failed.set(format!("{e:#}"));
         }
     });
-    let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
-    let app = router(state.clone());
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = drain_rx.wait_for(|draining| *draining).await;
-    });
-    let deadline = Duration::from_secs(settings.shutdown_timeout);
-    let drain_state = state.clone();
-    let drain = async move {
-        shutdown.await;
-        tracing::info!(
-            in_flight = drain_state.active_requests(),
-            "shutting down: draining"
-        );
-        drain_state.begin_shutdown();
-        let _ = drain_tx.send(true);
-        tokio::time::sleep(deadline).await;
-    };
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let in_flight = InFlight::default();
+    let metrics_state = state.clone();
+    // Dropped when this function returns, which closes every connection left.
+    let accepting = connections::accept(
+        listener,
+        router(state.clone()),
+        ConnectionLimits::new(&settings),
+        drain_rx,
+        in_flight.clone(),
+        move || metrics_state.metrics.observe_connection_refused(),
+    );
+    tokio::pin!(accepting);
     tokio::select! {
-        result = server => result.context("server")?,
-        () = drain => tracing::warn!(
-            in_flight = state.active_requests(),
+        never = &mut accepting => match never {},
+        () = shutdown => {}
+    }
+    tracing::info!(in_flight = in_flight.get(), "shutting down: draining");
+    state.begin_shutdown();
+    let _ = drain_tx.send(true);
+    let deadline = Duration::from_secs(settings.shutdown_timeout);
+    tokio::select! {
+        never = &mut accepting => match never {},
+        () = in_flight.none_left() => tracing::info!("drained"),
+        () = tokio::time::sleep(deadline) => tracing::warn!(
+            in_flight = in_flight.get(),
             "shutdown deadline passed with requests in flight"
         ),
     }

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use internvl_scheduler::config::DEFAULT_MAX_BUFFERED_OUTPUT_BYTES;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 macro_rules! settings {
     ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty, env = $env:literal; )*) => {
@@ -102,6 +103,18 @@ settings! {
     preprocess_workers: usize, env = "INTERNVL_PREPROCESS_WORKERS";
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 30].
     shutdown_timeout: u64, env = "INTERNVL_SHUTDOWN_TIMEOUT";
+    /// Seconds a client has to send a request's headers, from its first byte [default: 10].
+    header_read_timeout: u64, env = "INTERNVL_HEADER_READ_TIMEOUT";
+    /// Seconds a client has to send a whole request body, from the end of its headers
+    /// [default: 60].
+    body_read_timeout: u64, env = "INTERNVL_BODY_READ_TIMEOUT";
+    /// Seconds a connection may sit with no request before it is closed [default: 75].
+    idle_timeout: u64, env = "INTERNVL_IDLE_TIMEOUT";
+    /// Most open client connections; more are closed as soon as accepted [default: 1024].
+    max_connections: usize, env = "INTERNVL_MAX_CONNECTIONS";
+    /// Largest request head (request line and headers) in bytes, at least 8192
+    /// [default: 65536].
+    max_header_bytes: usize, env = "INTERNVL_MAX_HEADER_BYTES";
     /// Log format: text or json [default: text].
     log_format: String, env = "INTERNVL_LOG_FORMAT";
 }
@@ -140,6 +153,11 @@ pub struct Settings {
     pub local_image_dir: Option<PathBuf>,
     pub preprocess_workers: usize,
     pub shutdown_timeout: u64,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
     pub json_logs: bool,
     pub api_keys: Vec<String>,
 }
@@ -224,8 +242,17 @@ impl Settings {
                 .preprocess_workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             shutdown_timeout: a.shutdown_timeout.unwrap_or(30),
+            header_read_timeout: seconds("header_read_timeout", a.header_read_timeout, 10)?,
+            body_read_timeout: seconds("body_read_timeout", a.body_read_timeout, 60)?,
+            idle_timeout: seconds("idle_timeout", a.idle_timeout, 75)?,
+            max_connections: positive("max_connections", a.max_connections.unwrap_or(1024))?,
+            max_header_bytes: at_least(
+                "max_header_bytes",
+                a.max_header_bytes.unwrap_or(64 << 10),
+                MIN_HEADER_BYTES,
+            )?,
             json_logs: log_format == "json",
-            api_keys: a.api_key.into_iter().filter(|k| !k.is_empty()).collect(),
+            api_keys: api_keys(a.api_key)?,
         };
         Ok(settings)
     }
@@ -238,10 +265,41 @@ fn read_file(path: &Path) -> anyhow::Result<ServeArgs> {
 }
 
 fn positive(name: &str, value: usize) -> anyhow::Result<usize> {
-    if value == 0 {
-        bail!("{name} must be at least 1");
+    at_least(name, value, 1)
+}
+
+fn at_least(name: &str, value: usize, least: usize) -> anyhow::Result<usize> {
+    if value < least {
+        bail!("{name} must be at least {least}");
     }
     Ok(value)
+}
+
+/// The smallest read buffer hyper's HTTP/1 server accepts, so the smallest head limit.
+const MIN_HEADER_BYTES: usize = 8192;
+
+/// A timeout in whole seconds: zero would close every connection at once, so it is refused.
+fn seconds(name: &str, value: Option<u64>, default: u64) -> anyhow::Result<Duration> {
+    match value.unwrap_or(default) {
+        0 => bail!("{name} must be at least 1 second"),
+        secs => Ok(Duration::from_secs(secs)),
+    }
+}
+
+/// Keys trimmed of surrounding spaces (`INTERNVL_API_KEY="a, b"` means `a` and `b`). An empty
+/// key is an error: `--api-key ""` must not quietly leave the API open.
+fn api_keys(given: Vec<String>) -> anyhow::Result<Vec<String>> {
+    given
+        .into_iter()
+        .map(|key| match key.trim() {
+            "" => bail!(
+                "api_key: an empty API key was given (check --api-key, INTERNVL_API_KEY and \
+                 the config file); give a non-empty key, or none to serve without \
+                 authentication"
+            ),
+            key => Ok(key.to_string()),
+        })
+        .collect()
 }
 
 /// How much memory the KV cache gets.
@@ -356,6 +414,57 @@ mod tests {
         assert!(Settings::resolve(cli.args, PathBuf::new()).is_err());
         let cli = Cli::parse_from(["x", "--log-format", "xml"]);
         assert!(Settings::resolve(cli.args, PathBuf::new()).is_err());
+    }
+
+    #[test]
+    fn api_keys_are_trimmed_and_never_empty() {
+        let cli = Cli::parse_from(["x", "--api-key", " a", "--api-key", "b "]);
+        let s = Settings::resolve(cli.args, PathBuf::new()).unwrap();
+        assert_eq!(s.api_keys, vec!["a".to_string(), "b".to_string()]);
+        // The environment variable's form: comma-separated, spaces after the commas.
+        let cli = Cli::parse_from(["x", "--api-key", "a, b"]);
+        let s = Settings::resolve(cli.args, PathBuf::new()).unwrap();
+        assert_eq!(s.api_keys, vec!["a".to_string(), "b".to_string()]);
+        for keys in [
+            &["x", "--api-key", ""][..],
+            &["x", "--api-key", "a, ,b"],
+            &["x", "--api-key", "  "],
+        ] {
+            let cli = Cli::parse_from(keys);
+            let err = Settings::resolve(cli.args, PathBuf::new())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("empty API key"), "{keys:?}: {err}");
+        }
+        let args: ServeArgs = toml::from_str("api_key = [\"\"]").unwrap();
+        assert!(Settings::resolve(args, PathBuf::new()).is_err());
+        let args: ServeArgs = toml::from_str("api_key = []").unwrap();
+        assert!(Settings::resolve(args, PathBuf::new())
+            .unwrap()
+            .api_keys
+            .is_empty());
+    }
+
+    #[test]
+    fn connection_limits() {
+        let s = Settings::resolve(ServeArgs::default(), PathBuf::new()).unwrap();
+        assert_eq!(s.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(s.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(s.idle_timeout, Duration::from_secs(75));
+        assert_eq!((s.max_connections, s.max_header_bytes), (1024, 65536));
+        for (flag, value, name) in [
+            ("--header-read-timeout", "0", "header_read_timeout"),
+            ("--body-read-timeout", "0", "body_read_timeout"),
+            ("--idle-timeout", "0", "idle_timeout"),
+            ("--max-connections", "0", "max_connections"),
+            ("--max-header-bytes", "8191", "max_header_bytes"),
+        ] {
+            let cli = Cli::parse_from(["x", flag, value]);
+            let err = Settings::resolve(cli.args, PathBuf::new())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name), "{flag} {value}: {err}");
+        }
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Errors as OpenAI sends them: `{"error": {"message", "type", "param", "code"}}` with the
 //! status the SDKs map to their exception types.
 
+use super::middleware::current_request_id;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use std::time::Duration;
 
 /// An error answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,8 +75,30 @@ impl ApiError {
         }
     }
 
-    /// 500: a bug of ours; the message says so.
-    pub fn internal(message: impl Into<String>) -> Self {
+    /// 408: the request body did not arrive within `timeout` of its headers.
+    pub fn body_timeout(timeout: Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "The request body did not arrive within {} seconds",
+                timeout.as_secs()
+            ),
+        )
+    }
+
+    /// 500: a failure of ours. `detail` goes to the log at ERROR, inside the request's span;
+    /// the client gets a fixed sentence naming the request id, since internal errors (candle's
+    /// carry backtraces with source paths) are not for clients.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        tracing::error!(detail = %detail, "internal error");
+        let message = match current_request_id() {
+            Some(id) => format!(
+                "The server failed to complete the request; the error was logged with request \
+                 id {id}"
+            ),
+            None => "The server failed to complete the request; the error was logged".into(),
+        };
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 
@@ -82,6 +106,7 @@ impl ApiError {
     pub fn kind(&self) -> &'static str {
         match self.status {
             StatusCode::BAD_REQUEST
+            | StatusCode::REQUEST_TIMEOUT
             | StatusCode::PAYLOAD_TOO_LARGE
             | StatusCode::METHOD_NOT_ALLOWED => "invalid_request_error",
             StatusCode::UNAUTHORIZED => "authentication_error",

@@ -3,17 +3,19 @@
 use super::chat::chat_completions;
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::middleware::{authenticate, count_http, request_id};
+use super::middleware::{authenticate, body_limits, count_http, request_id};
 use super::openai::{ModelCard, ModelList, TokenizeRequest, TokenizeResponse};
 use super::validate::{check_model, check_prompt_bytes, convert_messages};
 use crate::state::AppState;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
+use std::any::Any;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use tower_http::catch_panic::CatchPanicLayer;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
@@ -21,16 +23,37 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    Router::new()
+    let routes = Router::new()
         .merge(api)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(method_not_allowed);
+    with_layers(routes, state)
+}
+
+/// The middleware every route gets, innermost first: the body limit; a handler panic as a
+/// plain 500; 413 for a body declared too large, 408 for one past its deadline; the HTTP
+/// counter; the request id, span and log line (outermost, so that it logs the status
+/// actually sent).
+pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(state.clone(), body_limits))
         .layer(middleware::from_fn_with_state(state.clone(), count_http))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// A handler's panic: its message goes to the log, the client gets a plain 500.
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic payload".into());
+    ApiError::internal(format!("the handler panicked: {message}")).into_response()
 }
 
 async fn not_found() -> ApiError {
