@@ -31,9 +31,10 @@
 //! off: redirects are followed here, so that each target goes through the same checks and
 //! the limit and errors are ours.
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io::{self, Read as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -204,37 +205,51 @@ impl ImageFetcher {
 
     /// The bytes of the image that `url` names: a `data:`, `http(s):` or (when configured)
     /// `file:` URL. Every error is fit to return to the API client.
-    pub async fn fetch(&self, url: &str) -> Result<Vec<u8>, ImageFetchError> {
-        let url = url.trim();
+    ///
+    /// Takes the URL by value when the caller can give it up: a data URL can be megabytes,
+    /// and it is moved, not copied, to the blocking pool that decodes it.
+    pub async fn fetch(&self, url: impl Into<String>) -> Result<Vec<u8>, ImageFetchError> {
+        let url = url.into();
+        let start = url.len() - url.trim_start().len();
+        let end = url.trim_end().len().max(start);
         // Data URLs are decoded straight from the string: parsing one as a `Url` would copy
-        // (and percent-encode) megabytes of base64 for nothing.
-        if let Some(rest) = url
+        // (and percent-encode) megabytes of base64 for nothing. Decoding (up to `max_bytes`,
+        // two passes over the text) is CPU work, kept off the async workers.
+        if url[start..end]
             .get(..5)
-            .filter(|scheme| scheme.eq_ignore_ascii_case("data:"))
-            .map(|_| &url[5..])
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("data:"))
         {
-            return decode_data_url(rest, self.inner.max_bytes);
+            let max_bytes = self.inner.max_bytes;
+            return tokio::task::spawn_blocking(move || {
+                decode_data_url(&url[start + 5..end], max_bytes)
+            })
+            .await
+            .map_err(|_| ImageFetchError::InvalidDataUrl("decoding was interrupted"))?;
         }
-        let parsed = Url::parse(url).map_err(|e| ImageFetchError::InvalidUrl(e.to_string()))?;
+        let parsed =
+            Url::parse(&url[start..end]).map_err(|e| ImageFetchError::InvalidUrl(e.to_string()))?;
+        let timeout = self.inner.timeout;
+        let timed_out = |_| ImageFetchError::Timeout(timeout);
         match parsed.scheme() {
-            "http" | "https" => {
-                let timeout = self.inner.timeout;
-                tokio::time::timeout(timeout, self.fetch_http(parsed))
-                    .await
-                    .map_err(|_| ImageFetchError::Timeout(timeout))?
-            }
+            "http" | "https" => tokio::time::timeout(timeout, self.fetch_http(parsed))
+                .await
+                .map_err(timed_out)?,
             "file" => {
                 let inner = Arc::clone(&self.inner);
-                // Blocking file IO (up to `max_bytes`) stays off the async workers.
-                tokio::task::spawn_blocking(move || {
+                // Blocking file IO (up to `max_bytes`) stays off the async workers, and is
+                // timed like a fetch: a file on a stalled network mount must not hold the
+                // request forever (the read itself cannot be cancelled and ends on its own).
+                let read = tokio::task::spawn_blocking(move || {
                     let dir = inner
                         .local_dir
                         .as_ref()
                         .ok_or(ImageFetchError::LocalFilesDisabled)?;
                     read_local_file(dir, &parsed, inner.max_bytes)
-                })
-                .await
-                .map_err(|e| ImageFetchError::LocalFile(e.to_string()))?
+                });
+                tokio::time::timeout(timeout, read)
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(|e| ImageFetchError::LocalFile(e.to_string()))?
             }
             other => Err(ImageFetchError::UnsupportedScheme(other.to_owned())),
         }
@@ -384,7 +399,7 @@ fn blocked_address_class(ip: IpAddr) -> Option<&'static str> {
 }
 
 fn blocked_v4_class(ip: Ipv4Addr) -> Option<&'static str> {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     if ip.is_loopback() {
         Some("loopback") // 127/8
     } else if ip.is_private() {
@@ -395,6 +410,12 @@ fn blocked_v4_class(ip: Ipv4Addr) -> Option<&'static str> {
         Some("unspecified") // 0/8 "this network"; connecting to 0.0.0.0 reaches localhost
     } else if a == 100 && b & 0xc0 == 64 {
         Some("shared (CGNAT)") // 100.64/10
+    } else if (a, b, c) == (192, 0, 0) {
+        Some("IETF protocol assignment") // 192.0.0/24: NAT64 discovery, DS-Lite, ...
+    } else if a == 198 && b & 0xfe == 18 {
+        Some("benchmarking") // 198.18/15, lab networks
+    } else if matches!((a, b, c), (192, 0, 2) | (198, 51, 100) | (203, 0, 113)) {
+        Some("documentation") // TEST-NET-1, -2 and -3: never routed, so only ever local
     } else if ip.is_multicast() {
         Some("multicast") // 224/4
     } else if ip.is_broadcast() {
@@ -414,13 +435,32 @@ fn blocked_v6_class(ip: Ipv6Addr) -> Option<&'static str> {
         return Some("unspecified");
     }
     // Forms that carry an IPv4 address and reach it: IPv4-mapped ::ffff:a.b.c.d, the
-    // deprecated IPv4-compatible ::a.b.c.d, and NAT64's 64:ff9b::a.b.c.d.
+    // deprecated IPv4-compatible ::a.b.c.d, NAT64's 64:ff9b::a.b.c.d, and 6to4's
+    // 2002:aabb:ccdd::/48, which a 6to4 router delivers to a.b.c.d over IPv4. Each is as
+    // allowed as the address it carries.
     let segments = ip.segments();
     if let Some(v4) = ip.to_ipv4_mapped() {
         return blocked_v4_class(v4);
     }
     if segments[..6] == [0; 6] || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return blocked_v4_class(Ipv4Addr::from_bits(ip.to_bits() as u32));
+    }
+    if segments[0] == 0x2002 {
+        return blocked_v4_class(Ipv4Addr::from_bits((ip.to_bits() >> 80) as u32));
+    }
+    // Teredo (2001::/32) tunnels to an IPv4 address hidden in obfuscated bits, through a
+    // relay the client picks: refused whatever it carries.
+    if segments[..2] == [0x2001, 0] {
+        return Some("Teredo");
+    }
+    if segments[..4] == [0x100, 0, 0, 0] {
+        return Some("discard-only"); // 100::/64
+    }
+    if segments[..2] == [0x2001, 0xdb8] {
+        return Some("documentation"); // 2001:db8::/32
+    }
+    if segments[..3] == [0x2001, 2, 0] {
+        return Some("benchmarking"); // 2001:2::/48
     }
     match segments[0] {
         s if s & 0xfe00 == 0xfc00 => Some("private"), // fc00::/7 unique local
@@ -538,10 +578,22 @@ fn read_local_file(
         return Err(ImageFetchError::OutsideLocalDir); // a symlink pointing out
     }
     let read_error = |e: io::Error| ImageFetchError::LocalFile(e.to_string());
-    let file = File::open(&canonical).map_err(read_error)?;
+    let not_regular = || ImageFetchError::LocalFile("not a regular file".into());
+    // Opening a FIFO blocks until a writer appears, and a device may never answer: only
+    // regular files are opened, and the open itself cannot block (O_NONBLOCK, which reads
+    // of regular files ignore). The opened file is checked again, in case the path was
+    // replaced between the two.
+    if !std::fs::metadata(&canonical).map_err(read_error)?.is_file() {
+        return Err(not_regular());
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&canonical)
+        .map_err(read_error)?;
     let metadata = file.metadata().map_err(read_error)?;
     if !metadata.is_file() {
-        return Err(ImageFetchError::LocalFile("not a regular file".into()));
+        return Err(not_regular());
     }
     if metadata.len() > max_bytes as u64 {
         return Err(ImageFetchError::TooLarge(max_bytes));
@@ -623,6 +675,28 @@ mod tests {
             ("fe80::1", "link-local"),
             ("febf::1", "link-local"),
             ("ff02::1", "multicast"),
+            ("192.0.0.1", "IETF protocol assignment"),
+            ("192.0.0.255", "IETF protocol assignment"),
+            ("198.18.0.1", "benchmarking"),
+            ("198.19.255.255", "benchmarking"),
+            ("192.0.2.1", "documentation"),
+            ("198.51.100.7", "documentation"),
+            ("203.0.113.255", "documentation"),
+            ("::ffff:198.18.0.1", "benchmarking"),
+            ("64:ff9b::c000:201", "documentation"),
+            ("2002:7f00:1::", "loopback"),
+            ("2002:a00:1::1", "private"),
+            ("2002:a9fe:a9fe:1:2:3:4:5", "link-local"),
+            ("2002:c000:0001::", "IETF protocol assignment"),
+            ("2002::", "unspecified"),
+            ("2001::1", "Teredo"),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
+            ("2001:0:ffff:ffff:ffff:ffff:ffff:ffff", "Teredo"),
+            ("100::1", "discard-only"),
+            ("100::ffff:ffff:ffff:ffff", "discard-only"),
+            ("2001:db8::1", "documentation"),
+            ("2001:db8:ffff:ffff::1", "documentation"),
+            ("2001:2::1", "benchmarking"),
         ];
         for (ip, class) in blocked {
             let parsed: IpAddr = ip.parse().unwrap();
@@ -642,6 +716,21 @@ mod tests {
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
             "fe00::1",
+            "192.0.1.255",
+            "192.0.3.0",
+            "198.17.255.255",
+            "198.20.0.0",
+            "198.51.99.255",
+            "198.51.101.0",
+            "203.0.112.255",
+            "203.0.114.0",
+            // 6to4 of 8.8.8.8: a public host behind a public IPv4 address.
+            "2002:808:808::1",
+            "2001:1::1",
+            "2001:3::1",
+            "100:0:0:1::1",
+            "2001:db9::1",
+            "2001:db7:ffff::1",
         ];
         for ip in allowed {
             let parsed: IpAddr = ip.parse().unwrap();
@@ -878,6 +967,34 @@ mod tests {
         );
         let err = f.fetch("file://otherhost/etc/passwd").await.unwrap_err();
         assert!(matches!(err, ImageFetchError::InvalidUrl(_)), "{err}");
+    }
+
+    /// Opening a FIFO for reading blocks until a writer comes, which here is never: the
+    /// request must fail at once instead of holding a blocking thread (and the client) forever.
+    #[tokio::test]
+    async fn images_file_fifo_is_refused_without_blocking() {
+        let root = tempfile::tempdir().unwrap();
+        let fifo = root.path().join("pipe.png");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink(&fifo, root.path().join("alias.png")).unwrap();
+        let f = fetcher(ImageFetchConfig {
+            allowed_local_dir: Some(root.path().to_owned()),
+            ..ImageFetchConfig::default()
+        });
+        for name in ["pipe.png", "alias.png"] {
+            let url = file_url(&root.path().join(name));
+            let err = tokio::time::timeout(Duration::from_secs(5), f.fetch(&url))
+                .await
+                .unwrap_or_else(|_| panic!("{name}: the read blocked"))
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "could not read the image file: not a regular file",
+                "{name}"
+            );
+        }
     }
 
     #[test]
