@@ -150,16 +150,20 @@ impl AppState {
         self: &Arc<Self>,
         work: impl FnOnce(&Ready) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        let _slot = self
+        let slot = self
             .tokenize_slots
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| ApiError::unavailable("The server is shutting down"))?;
         let state = self.clone();
-        tokio::task::spawn_blocking(move || work(state.ready()?))
-            .await
-            .map_err(|e| ApiError::internal(format!("tokenization crashed: {e}")))?
+        // The slot goes with the work: a client that leaves cannot free it while it runs.
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            work(state.ready()?)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenization crashed: {e}")))?
     }
 
     /// Reserves `bytes` of image memory (fetched files, and pixels held until the request

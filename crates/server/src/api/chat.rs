@@ -153,12 +153,14 @@ async fn load_images(
         let slots = state.preprocess_slots.clone();
         let state = state.clone();
         async move {
-            let _slot = slots
+            let slot = slots
                 .acquire_owned()
                 .await
                 .map_err(|_| ApiError::unavailable("The server is shutting down"))?;
             let started = Instant::now();
+            // The slot goes with the decode: a client that leaves cannot free it while it runs.
             let (bytes, result) = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
                 let result = preprocess(&bytes, &config);
                 (bytes, result)
             })

@@ -411,7 +411,6 @@ mod tests {
             (json!({"temperature": 3}), "temperature"),
             (json!({"top_p": 0}), "top_p"),
             (json!({"top_k": -2}), "top_k"),
-            (json!({"n": 0}), "n"),
             (json!({"max_tokens": 0}), "max_tokens"),
             (json!({"top_logprobs": 2}), "top_logprobs"),
             (
