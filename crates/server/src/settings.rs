@@ -82,7 +82,7 @@ settings! {
     /// Largest request body in bytes [default: 64 MiB].
     max_body_bytes: usize, env = "INTERNVL_MAX_BODY_BYTES";
     /// Most bytes of text in one prompt, all messages together; longer prompts get 400 before
-    /// tokenizing [default: 1 MiB].
+    /// tokenizing [default: 256 KiB].
     max_prompt_bytes: usize, env = "INTERNVL_MAX_PROMPT_BYTES";
     /// Largest image file in bytes [default: 20 MiB].
     max_image_bytes: usize, env = "INTERNVL_MAX_IMAGE_BYTES";
@@ -227,7 +227,10 @@ impl Settings {
                     .unwrap_or(DEFAULT_MAX_BUFFERED_OUTPUT_BYTES),
             )?,
             max_body_bytes: positive("max_body_bytes", a.max_body_bytes.unwrap_or(64 << 20))?,
-            max_prompt_bytes: positive("max_prompt_bytes", a.max_prompt_bytes.unwrap_or(1 << 20))?,
+            max_prompt_bytes: positive(
+                "max_prompt_bytes",
+                a.max_prompt_bytes.unwrap_or(256 << 10),
+            )?,
             max_image_bytes: positive("max_image_bytes", a.max_image_bytes.unwrap_or(20 << 20))?,
             max_request_image_bytes: positive(
                 "max_request_image_bytes",
