@@ -34,6 +34,8 @@ pub(super) fn decode(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, Pre
     // Pillow's canvas starts as the transparent index if the frame has one, else index 0.
     let background = frame.transparent.unwrap_or(0);
     let mut canvas = vec![background; pixels];
+    // The frame's own indices live only until they are on the canvas, so that they are gone
+    // before the RGB image is made.
     {
         let mut indices = vec![0u8; frame_w * frame_h];
         decoder
@@ -45,7 +47,6 @@ pub(super) fn decode(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, Pre
                 row[left..left + frame_w].copy_from_slice(src);
             }
         }
-        // The frame's indices go before the RGB image is made.
     }
     let palette = decoder.palette().map_err(|e| corrupt(FORMAT, e))?;
     // Indices past the end of the palette are black in Pillow's zero-filled palette.

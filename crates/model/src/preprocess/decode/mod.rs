@@ -159,8 +159,8 @@ struct SizeCheck<'a> {
 impl SizeCheck<'_> {
     /// Checks the size read from a header and returns the pixel count.
     ///
-    /// With a resize ahead, the image with each side raised to at least the output side must
-    /// also fit `max_pixels`. Pillow's resize runs the horizontal pass first, over every source
+    /// With a resize ahead, the image with each side raised to at least the output side (and
+    /// at least [`MIN_COSTED_SIDE`]) must also fit `max_pixels`. Pillow's resize runs the horizontal pass first, over every source
     /// row the vertical pass reads, so its intermediate image, its work and its tap tables grow
     /// with `height × max(width, size)` and `max(width, height)`: a 1×50,000,000 image passes
     /// the pixel count and would still need a 67 GB intermediate. Raising both sides covers
