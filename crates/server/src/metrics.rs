@@ -668,6 +668,7 @@ mod tests {
             image_cache_hits: 1,
             images_encoded: 3,
             encode_time: ms(300),
+            output_overflows: 2,
             steps: 10,
             ..Default::default()
         };
@@ -683,6 +684,7 @@ mod tests {
         assert_eq!(scalar(&text, "prefix_cache_hits_total"), 256.0);
         assert_eq!(scalar(&text, "image_cache_queries_total"), 4.0);
         assert_eq!(scalar(&text, "image_cache_hits_total"), 1.0);
+        assert_eq!(scalar(&text, "request_output_buffer_overflows_total"), 2.0);
         // Three images at 100 ms each.
         assert_eq!(scalar(&text, "vision_encode_seconds_count"), 3.0);
         assert_eq!(bucket(&text, "vision_encode_seconds", "0.075"), 0.0);
@@ -699,6 +701,7 @@ mod tests {
             image_cache_hits: 3,
             images_encoded: 4,
             encode_time: ms(800),
+            output_overflows: 3,
             steps: 20,
             ..first.clone()
         };
@@ -718,6 +721,7 @@ mod tests {
         assert_eq!(scalar(&text, "prefix_cache_hits_total"), 256.0);
         assert_eq!(scalar(&text, "image_cache_queries_total"), 6.0);
         assert_eq!(scalar(&text, "image_cache_hits_total"), 3.0);
+        assert_eq!(scalar(&text, "request_output_buffer_overflows_total"), 3.0);
         // One more image, at 500 ms.
         assert_eq!(scalar(&text, "vision_encode_seconds_count"), 4.0);
         assert_eq!(bucket(&text, "vision_encode_seconds", "0.25"), 3.0);
@@ -811,6 +815,7 @@ mod tests {
             ("prefix_cache_hits_total", "counter"),
             ("image_cache_queries_total", "counter"),
             ("image_cache_hits_total", "counter"),
+            ("request_output_buffer_overflows_total", "counter"),
             ("request_success_total", "counter"),
             ("http_requests_total", "counter"),
             ("http_connections_refused_total", "counter"),
