@@ -193,16 +193,54 @@ impl AppState {
         })
     }
 
-    /// KiB of image memory no request holds now.
-    pub fn image_memory_free_kib(&self) -> usize {
-        self.image_memory.available_permits()
-    }
-
     pub fn active_requests(&self) -> usize {
         self.active.load(Ordering::SeqCst)
     }
 
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::ImageFetchConfig;
+
+    fn state(max_image_memory: usize) -> AppState {
+        let limits = Limits {
+            max_images_per_request: 8,
+            max_active_requests: 8,
+            max_body_bytes: 1 << 20,
+            max_prompt_bytes: 1 << 10,
+            max_request_image_bytes: 1 << 20,
+            max_image_memory,
+            api_keys: Vec::new(),
+        };
+        let fetcher = ImageFetcher::new(ImageFetchConfig::default()).unwrap();
+        AppState::new("m".into(), limits, fetcher, 1)
+    }
+
+    #[test]
+    fn image_memory_is_reserved_shrunk_and_given_back() {
+        let s = state(4 << 10);
+        let mut first = s.reserve_image_memory(3000).unwrap();
+        let refused = s.reserve_image_memory(2 << 10).err().unwrap();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.retry_after, Some(1));
+        first.shrink_to(1000);
+        let second = s.reserve_image_memory(2 << 10).unwrap();
+        assert!(s.reserve_image_memory(2 << 10).is_err());
+        drop(second);
+        first.shrink_to(0);
+        // Larger than the budget: the whole budget, once nothing else holds any.
+        let whole = s.reserve_image_memory(1 << 30).unwrap();
+        assert!(s.reserve_image_memory(1).is_err());
+        drop(whole);
+        assert!(s.reserve_image_memory(4 << 10).is_ok());
+        assert!(
+            s.reserve_image_memory(0).is_ok(),
+            "no images, nothing to reserve"
+        );
     }
 }
