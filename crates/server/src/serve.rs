@@ -81,7 +81,10 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
     }
     let block_size = settings.block_size;
     let per_block = PagedKvCache::bytes_per_block(&config.llm, block_size, loaded.model.dtype());
-    let useful = settings.max_num_seqs * max_model_len.div_ceil(block_size);
+    // Saturating: both are settings, and any product past usize::MAX caps nothing.
+    let useful = settings
+        .max_num_seqs
+        .saturating_mul(max_model_len.div_ceil(block_size));
     // 30 GiB leaves an 80 GB GPU room for V1.1's 38 GB of weights and activations.
     let kv_bytes = match settings.kv_cache_memory {
         Some(KvCacheMemory::Bytes(bytes)) => bytes,
