@@ -1,8 +1,10 @@
-//! SIGTERM: the server stops accepting, finishes the requests in flight, and exits 0.
+//! SIGTERM: the server answers 503 to new requests, finishes the requests in flight, closes
+//! idle connections at once, and exits 0 as soon as nothing is in flight.
 
 use serde_json::json;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -12,8 +14,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test]
-async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+/// `internvl serve` on a free port, once its model has loaded; its base URL.
+async fn start() -> (Child, String) {
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_internvl"))
         .args([
@@ -22,6 +24,8 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
             &port.to_string(),
             "--kv-cache-memory",
             "16MiB",
+            "--shutdown-timeout",
+            "30",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -29,18 +33,44 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let ready = async {
-        for _ in 0..400 {
-            if let Ok(r) = client.get(format!("{base}/health")).send().await {
-                if r.status() == 200 {
-                    return true;
-                }
+    for _ in 0..400 {
+        if let Ok(r) = client.get(format!("{base}/health")).send().await {
+            if r.status() == 200 {
+                return (child, base);
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        false
-    };
-    assert!(ready.await, "server did not start");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("server did not start");
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// How long the process took to exit (it must, with status 0), up to `limit`.
+async fn exited_within(child: &mut Child, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "the server did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let (mut child, base) = start().await;
+    let client = reqwest::Client::new();
     let body = json!({
         "model": "demo-internvl",
         "messages": [{"role": "user", "content": "tell me a long story"}],
@@ -55,37 +85,65 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         .unwrap();
     let mut text = String::from_utf8_lossy(&response.chunk().await.unwrap().unwrap()).into_owned();
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&child);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let refused = match client.get(format!("{base}/health")).send().await {
-        Err(_) => true,
-        Ok(r) => r.status() == 503,
-    };
-    assert!(refused, "new requests are refused while draining");
+    // The port stays open while draining, so probes hear 503, not a refused connection.
+    let health = reqwest::Client::new()
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .expect("the listener stays open while draining");
+    assert_eq!(
+        health.status(),
+        503,
+        "new requests are refused while draining"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "still running");
 
+    let mut tokens_after_sigterm = 0;
     while let Some(chunk) = response.chunk().await.unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk));
+        let chunk = String::from_utf8_lossy(&chunk).into_owned();
+        tokens_after_sigterm += chunk.matches("\"content\":").count();
+        text.push_str(&chunk);
     }
+    assert!(
+        tokens_after_sigterm > 0,
+        "the request was still in flight at SIGTERM"
+    );
     assert!(
         text.trim_end().ends_with("data: [DONE]"),
         "the in-flight request completed"
     );
     assert_eq!(text.matches("\"finish_reason\":\"length\"").count(), 1);
+    exited_within(&mut child, Duration::from_secs(20)).await;
+}
 
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status}");
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the server did not exit"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+#[tokio::test]
+async fn idle_and_half_open_connections_do_not_delay_exit() {
+    let (mut child, base) = start().await;
+    let addr = base.trim_start_matches("http://");
+    let _idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut half_open = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half_open
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut half_body = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half_body
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sigterm(&child);
+    // Nothing is in flight but a request whose body is not coming: it is cut off (503) and
+    // the exit waits neither for the 30 s --shutdown-timeout nor the 60 s body timeout.
+    let took = exited_within(&mut child, Duration::from_secs(10)).await;
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let mut answer = Vec::new();
+    let _ = half_body.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
 }

@@ -2,7 +2,7 @@
 
 use super::chat::random_id;
 use super::error::ApiError;
-use crate::connections::BodyDeadline;
+use crate::connections::{BodyCut, BodyDeadline};
 use crate::state::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Request, State};
@@ -99,8 +99,9 @@ impl http_body::Body for InRequest {
 
 /// Answers 413 at once for a body declared (`Content-Length`) larger than the limit, rather
 /// than waiting for bytes that will be refused anyway; and 408 for a request whose body
-/// missed its deadline, in place of whatever the handler made of the cut-off body. Either
-/// closes the connection: the rest of the body may still be on its way.
+/// missed its deadline (503 for one cut off by a drain), in place of whatever the handler
+/// made of the cut-off body. Each closes the connection: the rest of the body may still be
+/// on its way.
 pub async fn body_limits(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -113,9 +114,10 @@ pub async fn body_limits(
     }
     let deadline = request.extensions().get::<BodyDeadline>().cloned();
     let response = next.run(request).await;
-    match deadline {
-        Some(deadline) if deadline.missed() => closing(ApiError::body_timeout(deadline.timeout())),
-        _ => response,
+    match deadline.and_then(|d| d.cut()) {
+        Some(BodyCut::TimedOut(timeout)) => closing(ApiError::body_timeout(timeout)),
+        Some(BodyCut::Draining) => closing(ApiError::unavailable("The server is shutting down")),
+        None => response,
     }
 }
 

@@ -6,7 +6,7 @@ mod body_deadline;
 mod in_flight;
 mod watchdog;
 
-pub use body_deadline::BodyDeadline;
+pub use body_deadline::{BodyCut, BodyDeadline};
 pub use in_flight::InFlight;
 
 use crate::settings::Settings;
@@ -95,8 +95,9 @@ pub async fn accept(
             limits,
             in_flight: in_flight.clone(),
             watchdog: Watchdog::new(limits.idle_timeout, limits.header_read_timeout),
+            draining: draining.clone(),
         };
-        connections.spawn(connection.serve(stream, draining.clone(), slot));
+        connections.spawn(connection.serve(stream, slot));
     }
 }
 
@@ -107,16 +108,13 @@ struct Connection {
     limits: ConnectionLimits,
     in_flight: InFlight,
     watchdog: Arc<Watchdog>,
+    draining: watch::Receiver<bool>,
 }
 
 impl Connection {
-    async fn serve(
-        self,
-        stream: TcpStream,
-        mut draining: watch::Receiver<bool>,
-        _slot: OwnedSemaphorePermit,
-    ) {
+    async fn serve(self, stream: TcpStream, _slot: OwnedSemaphorePermit) {
         let watchdog = self.watchdog.clone();
+        let mut draining = self.draining.clone();
         let io = TokioIo::new(Watched::new(stream, watchdog.clone()));
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -158,7 +156,8 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Connection {
     fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
         let guards = (self.watchdog.request_started(), self.in_flight.begin());
         let (parts, body) = request.into_parts();
-        let (body, deadline) = DeadlineBody::new(body, self.limits.body_read_timeout);
+        let (body, deadline) =
+            DeadlineBody::new(body, self.limits.body_read_timeout, self.draining.clone());
         let mut request = Request::from_parts(parts, Body::new(body));
         request.extensions_mut().insert(deadline);
         let app = self.app.clone();
