@@ -189,6 +189,19 @@ async fn every_bad_parameter_is_a_400_naming_it_before_streaming() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(content_type.starts_with("text/event-stream"), stream);
     }
+    // Malformed JSON past the size parsed inline (1 MiB) is a 400 too.
+    let broken = format!("{{\"model\": \"{}\", \"messages\": [", "x".repeat(2 << 20));
+    let r = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(broken)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     let prompt = json!({"model": MODEL, "prompt": "x".repeat(4097)});
     assert_refused("prompt", &s.post("/tokenize", &prompt).await, "prompt");
     let messages = json!({"messages": [{"role": "user", "content": "x".repeat(4097)}]});

@@ -35,7 +35,7 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    // The SSE body is polled after the request's span has closed: kept to log its failures.
+    // The SSE body may be polled outside the request's span: kept to report failures in it.
     let span = tracing::Span::current();
     let ready = state.ready()?;
     check_model(&req.model, &state.model_name)?;
@@ -101,7 +101,8 @@ pub async fn chat_completions(
 /// Bytes of one image's pixels as the model takes them: 3 channels of f32.
 fn pixel_bytes(ready: &Ready) -> usize {
     let side = ready.loaded.preprocess.image_size as usize;
-    3 * side * side * std::mem::size_of::<f32>()
+    side.saturating_mul(side)
+        .saturating_mul(3 * std::mem::size_of::<f32>())
 }
 
 /// The most bytes the file behind `url` may have: a data URL's decoded size is known from its
