@@ -24,21 +24,19 @@ pub(super) fn decode(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, Pre
             bytes: METADATA_BYTES,
         },
     );
-    let header = decoder.read_header_info().map_err(|e| corrupt(FORMAT, e))?;
+    let header = decoder.read_header_info().map_err(png_error)?;
     let (width, height) = (header.width, header.height);
     check.pixels(FORMAT, width.into(), height.into())?;
     let source_colour = header.color_type;
     // Palette to RGB(A), 1/2/4-bit grey scaled to 8 bits (×255, ×85, ×17 like Pillow's
     // unpackers) and tRNS to an alpha channel, which is then dropped; 16 bits stay 16 bits.
     decoder.set_transformations(Transformations::EXPAND);
-    let mut reader = decoder.read_info().map_err(|e| corrupt(FORMAT, e))?;
+    let mut reader = decoder.read_info().map_err(png_error)?;
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| corrupt(FORMAT, "image too large for this platform"))?;
     let mut samples = vec![0; size];
-    let frame = reader
-        .next_frame(&mut samples)
-        .map_err(|e| corrupt(FORMAT, e))?;
+    let frame = reader.next_frame(&mut samples).map_err(png_error)?;
     // The decoder's row buffers go before the conversion needs room.
     drop(reader);
     samples.truncate(frame.buffer_size());
@@ -59,6 +57,20 @@ pub(super) fn decode(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, Pre
         (ColorType::Indexed, _) => return Err(corrupt(FORMAT, "palette was not expanded")),
     };
     Ok(rgb_image(width, height, rgb))
+}
+
+/// The decoder's error as the client's: the allowance, when exceeded, is named.
+fn png_error(e: png::DecodingError) -> PreprocessError {
+    match e {
+        png::DecodingError::LimitsExceeded => corrupt(
+            FORMAT,
+            format_args!(
+                "its metadata or one row needs more than {} MiB",
+                METADATA_BYTES >> 20
+            ),
+        ),
+        other => corrupt(FORMAT, other),
+    }
 }
 
 /// Pillow opens 16-bit grey as "I;16", whose conversion to RGB clamps: `min(v, 255)`, so
