@@ -839,3 +839,103 @@ enum Where {
     Running(usize),
     Waiting,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::{channel, RequestStream};
+    use crate::stop::StopParams;
+
+    /// A model that trusts its input as a real one does: a block table too short for the
+    /// positions is out-of-bounds indexing (a panic here).
+    struct Trusting;
+
+    impl ModelRunner for Trusting {
+        type Pixels = ();
+        type ImageEmbeds = ();
+
+        fn encode_images(&mut self, images: &[&()]) -> Result<Vec<()>, RunnerError> {
+            Ok(vec![(); images.len()])
+        }
+
+        fn vocab_size(&self) -> usize {
+            8
+        }
+
+        fn embeds_bytes(&self, _: &()) -> usize {
+            0
+        }
+
+        fn forward(&mut self, batch: &[ForwardSeq<'_, ()>]) -> Result<Vec<Vec<f32>>, RunnerError> {
+            for seq in batch {
+                let end = seq.start + seq.tokens.len();
+                assert!(seq.block_table.len() * 4 >= end, "out of bounds");
+            }
+            let rows = batch.iter().filter(|s| s.wants_logits).count();
+            Ok(vec![vec![0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]; rows])
+        }
+    }
+
+    fn submit(s: &mut Scheduler<Trusting>) -> RequestStream {
+        let (tx, rx) = channel();
+        let request = Request {
+            prompt: vec![5; 10],
+            images: Vec::new(),
+            sampling: SamplingParams::default(),
+            stop: StopParams {
+                max_tokens: 6,
+                ..StopParams::default()
+            },
+            skip_special_tokens: true,
+            n: 1,
+        };
+        s.add(request, tx).unwrap();
+        rx
+    }
+
+    fn events(rx: &mut RequestStream) -> Vec<Event> {
+        std::iter::from_fn(|| rx.try_next()).collect()
+    }
+
+    /// A sequence whose state went wrong (here: tokens past the model's length) is failed
+    /// alone before the forward, which never sees it; the others go on.
+    #[test]
+    fn an_unsound_sequence_is_failed_before_the_forward() {
+        let mut config = EngineConfig::new(32, 4, 64);
+        config.enable_prefix_caching = false;
+        let decoder: Arc<dyn TokenDecoder> = Arc::new(|ids: &[u32], _: bool| format!("{ids:?}"));
+        let mut s = Scheduler::new(Trusting, config, decoder);
+        let mut streams: Vec<RequestStream> = (0..2).map(|_| submit(&mut s)).collect();
+        s.step();
+        assert_eq!(s.running.len(), 2);
+        // A block table too short for the span is caught too (the scheduler itself always
+        // allocates enough before this check runs, so it is looked at directly).
+        let all = s.running[0].blocks.clone();
+        s.running[0].blocks.truncate(1);
+        let message = s.unsound(0, 1).expect("unsound");
+        assert!(message.contains("KV blocks cannot hold"), "{message}");
+        s.running[0].blocks = all;
+        assert_eq!(s.unsound(0, 1), None);
+
+        s.running[1].tokens.extend([5; 60]);
+        while s.has_work() {
+            s.step();
+        }
+        let first = events(&mut streams[0]);
+        assert!(
+            matches!(first.last(), Some(Event::Finished { .. })),
+            "{first:?}"
+        );
+        match events(&mut streams[1]).last() {
+            Some(Event::Error { message }) => {
+                assert!(
+                    message.contains("past the maximum model length 64"),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.stats().failed, 1);
+        assert_eq!(s.free_blocks(), 32);
+    }
+}
