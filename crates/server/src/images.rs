@@ -448,8 +448,8 @@ fn blocked_v6_class(ip: Ipv6Addr) -> Option<&'static str> {
     if segments[0] == 0x2002 {
         return blocked_v4_class(Ipv4Addr::from_bits((ip.to_bits() >> 80) as u32));
     }
-    // Teredo (2001::/32) tunnels to an IPv4 address hidden in obfuscated bits, through a
-    // relay the client picks: refused whatever it carries.
+    // Teredo (2001::/32) carries two IPv4 addresses (its server's, and the client's in
+    // obfuscated bits) and is reached through whichever relay routes it: refused outright.
     if segments[..2] == [0x2001, 0] {
         return Some("Teredo");
     }
