@@ -7,6 +7,22 @@ use std::ops::Range;
 #[error("{0}")]
 pub struct RunnerError(pub String);
 
+/// Runs one call into the model, turning a panic inside it into that call's error. A panic
+/// that one sequence's input provokes (a shape the model does not expect, a kernel's
+/// assertion) must fail that sequence, found like any other failure by the step's retries,
+/// rather than end the step thread and every request with it. The model's state after a
+/// panic is that of a failed call: a rerun rewrites the KV slots the call may have written.
+pub(crate) fn contain<T>(call: impl FnOnce() -> Result<T, RunnerError>) -> Result<T, RunnerError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned());
+        Err(RunnerError(format!("the model panicked: {what}")))
+    })
+}
+
 /// One sequence's share of a forward: `tokens` at positions `start..start + tokens.len()`.
 pub struct ForwardSeq<'a, E> {
     pub tokens: &'a [u32],

@@ -14,7 +14,7 @@ use crate::detokenizer::{Detokenizer, TokenDecoder};
 use crate::encoder_cache::EncoderCache;
 use crate::output::EventSender;
 use crate::request::{Event, Request, RequestId, Usage};
-use crate::runner::{ForwardSeq, ModelRunner, RunnerError};
+use crate::runner::{contain, ForwardSeq, ModelRunner, RunnerError};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::sequence::{Fork, SeqImage, Sequence};
 use crate::stats::EngineStats;
@@ -489,7 +489,7 @@ impl<R: ModelRunner> Scheduler<R> {
     /// One call of the encoder, checked to give one output per image.
     fn encode_batch(&mut self, images: &[&R::Pixels]) -> Result<Vec<R::ImageEmbeds>, RunnerError> {
         let started = Instant::now();
-        let outputs = self.runner.encode_images(images);
+        let outputs = contain(|| self.runner.encode_images(images));
         self.stats.encode_time += started.elapsed();
         let outputs = outputs?;
         if outputs.len() != images.len() {
@@ -583,7 +583,7 @@ impl<R: ModelRunner> Scheduler<R> {
             })
             .collect();
         let wanted = batch.iter().filter(|s| s.wants_logits).count();
-        let rows = self.runner.forward(&batch)?;
+        let rows = contain(|| self.runner.forward(&batch))?;
         if rows.len() != wanted {
             return Err(RunnerError(format!(
                 "model returned {} logits rows for {wanted} sequences",

@@ -32,6 +32,8 @@ pub struct FakeRunner {
     pub poison_token: Option<u32>,
     /// Fails every encode whose batch holds the image of this seed.
     pub poison_image: Option<u64>,
+    /// Poisoned batches panic instead of returning an error.
+    pub poison_panics: bool,
     forwards: usize,
 }
 
@@ -44,6 +46,7 @@ impl FakeRunner {
             fail_forward_every: None,
             poison_token: None,
             poison_image: None,
+            poison_panics: false,
             forwards: 0,
         }
     }
@@ -58,6 +61,9 @@ impl ModelRunner for FakeRunner {
             .poison_image
             .is_some_and(|p| images.iter().any(|&&seed| seed == p))
         {
+            if self.poison_panics {
+                panic!("injected encoder panic");
+            }
             return Err(RunnerError("injected encoder failure".into()));
         }
         self.encoded
@@ -88,6 +94,9 @@ impl ModelRunner for FakeRunner {
         }
         if let Some(poison) = self.poison_token {
             if batch.iter().any(|seq| seq.tokens.contains(&poison)) {
+                if self.poison_panics {
+                    panic!("injected panic of a poisoned sequence");
+                }
                 return Err(RunnerError(
                     "injected failure of a poisoned sequence".into(),
                 ));
@@ -558,10 +567,14 @@ const POISON: u32 = 777;
 
 /// One request's failing forward or encode fails that request alone: whatever the batch,
 /// preemption and caching, every other request yields exactly its tokens alone, the failed
-/// ones get an error, and every block comes back.
+/// ones get an error, and every block comes back. The same when the model panics instead of
+/// returning an error.
 #[test]
 fn a_sequence_that_breaks_the_model_fails_alone() {
-    for (prefix_caching, num_blocks, budget) in [(true, 512, 2048), (false, 40, 96), (true, 40, 64)]
+    let cases = [(true, 512, 2048), (false, 40, 96), (true, 40, 64)];
+    for (panics, (prefix_caching, num_blocks, budget)) in [false, true]
+        .into_iter()
+        .flat_map(|p| cases.into_iter().map(move |c| (p, c)))
     {
         let mut rng = StdRng::seed_from_u64(11 + num_blocks as u64 + budget as u64);
         let mut config = EngineConfig::new(num_blocks, 8, 4096);
@@ -581,6 +594,7 @@ fn a_sequence_that_breaks_the_model_fails_alone() {
         let mut runner = FakeRunner::new(&config);
         runner.poison_token = Some(POISON);
         runner.poison_image = Some(13);
+        runner.poison_panics = panics;
         let mut s = Scheduler::new(runner, config.clone(), decoder());
         let mut streams: Vec<RequestStream> = requests
             .iter()
