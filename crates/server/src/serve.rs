@@ -209,7 +209,11 @@ pub async fn serve(
         never = &mut accepting => match never {},
         () = shutdown => {}
     }
-    tracing::info!(in_flight = in_flight.get(), "shutting down: draining");
+    tracing::info!(
+        in_flight = in_flight.get(),
+        admitted = state.active_requests(),
+        "shutting down: draining"
+    );
     state.begin_shutdown();
     let _ = drain_tx.send(true);
     let deadline = Duration::from_secs(settings.shutdown_timeout);
@@ -218,6 +222,7 @@ pub async fn serve(
         () = in_flight.none_left() => tracing::info!("drained"),
         () = tokio::time::sleep(deadline) => tracing::warn!(
             in_flight = in_flight.get(),
+            admitted = state.active_requests(),
             "shutdown deadline passed with requests in flight"
         ),
     }
