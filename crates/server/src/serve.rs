@@ -189,7 +189,7 @@ pub async fn serve(
         }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "the model failed to load");
-            let _ = loader_state.failed.set(format!("{e:#}"));
+            let _ = loader_state.failed.set(());
         }
     });
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);

@@ -38,8 +38,9 @@ pub struct Limits {
 pub struct AppState {
     pub model_name: String,
     pub ready: OnceLock<Ready>,
-    /// Set when the model failed to load: the reason, for `/health` and every request.
-    pub failed: OnceLock<String>,
+    /// Set when the model failed to load. The reason goes to the log only: it names files of
+    /// the host and may carry a backtrace, which clients must not see.
+    pub failed: OnceLock<()>,
     pub limits: Limits,
     pub fetcher: ImageFetcher,
     pub metrics: Metrics,
@@ -120,10 +121,10 @@ impl AppState {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable("The server is shutting down"));
         }
-        if let Some(reason) = self.failed.get() {
-            return Err(ApiError::unavailable(format!(
-                "The model failed to load: {reason}"
-            )));
+        if self.failed.get().is_some() {
+            return Err(ApiError::unavailable(
+                "The model failed to load; the reason is in the server's log",
+            ));
         }
         self.ready
             .get()
