@@ -30,7 +30,11 @@ const MAX_MESSAGE: usize = 1024;
 
 fn check_refusal(e: &ApiError) {
     assert!(e.status.is_client_error(), "{e:?}");
-    assert!(e.message.len() <= MAX_MESSAGE, "{} bytes of message", e.message.len());
+    assert!(
+        e.message.len() <= MAX_MESSAGE,
+        "{} bytes of message",
+        e.message.len()
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -56,22 +60,35 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(plan.image_urls.len() <= MAX_IMAGES);
     assert!(!plan.stop.stop_strings.iter().any(String::is_empty));
-    plan.sampling.validate(vocab_size).expect("an accepted plan's sampling is valid");
-    plan.stop.validate(vocab_size).expect("an accepted plan's stop settings are valid");
+    plan.sampling
+        .validate(vocab_size)
+        .expect("an accepted plan's sampling is valid");
+    plan.stop
+        .validate(vocab_size)
+        .expect("an accepted plan's stop settings are valid");
     let Ok(prompt) = model.encode_prompt(&plan.messages) else {
         return;
     };
     assert_eq!(prompt.ids.first(), Some(&tokenizer.bos_id()));
-    assert!(prompt.ids.iter().all(|&id| (id as usize) < tokenizer.vocab_size()));
+    assert!(prompt
+        .ids
+        .iter()
+        .all(|&id| (id as usize) < tokenizer.vocab_size()));
     assert_eq!(prompt.num_images, plan.image_urls.len());
     assert_eq!(prompt.image_offsets.len(), prompt.num_images);
     let per_image = config.num_image_tokens();
     let context = model.model.image_context_id();
     for &offset in &prompt.image_offsets {
-        assert!(prompt.ids[offset..offset + per_image].iter().all(|&t| t == context));
+        assert!(prompt.ids[offset..offset + per_image]
+            .iter()
+            .all(|&t| t == context));
     }
     let max_model_len = config.llm.max_position_embeddings;
-    let engine = EngineConfig::new(max_model_len.div_ceil(BLOCK_SIZE), BLOCK_SIZE, max_model_len);
+    let engine = EngineConfig::new(
+        max_model_len.div_ceil(BLOCK_SIZE),
+        BLOCK_SIZE,
+        max_model_len,
+    );
     let stop = plan.stop_for(prompt.ids.len(), max_model_len);
     let request: Request<()> = Request {
         images: Vec::new(),
@@ -83,6 +100,9 @@ fuzz_target!(|data: &[u8]| {
     };
     if internvl_scheduler::validate(&engine, vocab_size, &request).is_ok() {
         let total = request.prompt.len().checked_add(request.stop.max_tokens);
-        assert!(total.is_some_and(|t| t <= max_model_len), "{total:?} tokens admitted");
+        assert!(
+            total.is_some_and(|t| t <= max_model_len),
+            "{total:?} tokens admitted"
+        );
     }
 });

@@ -38,7 +38,10 @@ fn fetcher() -> &'static (tokio::runtime::Runtime, ImageFetcher) {
             max_bytes: MAX_BYTES,
             ..ImageFetchConfig::default()
         };
-        (runtime, ImageFetcher::new(config).expect("the fetcher builds"))
+        (
+            runtime,
+            ImageFetcher::new(config).expect("the fetcher builds"),
+        )
     })
 }
 
@@ -74,7 +77,11 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(ImageFetchError::TooLarge(max)) => {
             assert_eq!(*max, MAX_BYTES);
-            assert!(symbols.len() * 3 / 4 > MAX_BYTES, "{} symbols", symbols.len());
+            assert!(
+                symbols.len() * 3 / 4 > MAX_BYTES,
+                "{} symbols",
+                symbols.len()
+            );
         }
         Err(_) => {}
     }

@@ -159,10 +159,17 @@ fn check_stop(case: &Case, deltas: &[String], vocab: usize) {
     let mut before_min = 0;
     for (i, (&id, delta)) in case.ids.iter().zip(deltas).enumerate() {
         let banned = !checker.banned_tokens().is_empty();
-        assert_eq!(banned, i < params.min_tokens && !stop_ids.is_empty(), "token {i}");
+        assert_eq!(
+            banned,
+            i < params.min_tokens && !stop_ids.is_empty(),
+            "token {i}"
+        );
         let step = checker.push(id, delta);
         let stopping_id = step.finish == Some(FinishReason::Stop)
-            && matches!(step.stop_reason, Some(StopReason::Eos | StopReason::Token(_)));
+            && matches!(
+                step.stop_reason,
+                Some(StopReason::Eos | StopReason::Token(_))
+            );
         if !stopping_id {
             fed.push_str(delta);
         }
@@ -170,13 +177,19 @@ fn check_stop(case: &Case, deltas: &[String], vocab: usize) {
             before_min = fed.len();
         }
         sent.push_str(&step.text);
-        assert!(fed.starts_with(&sent), "{sent:?} is not a prefix of {fed:?}");
+        assert!(
+            fed.starts_with(&sent),
+            "{sent:?} is not a prefix of {fed:?}"
+        );
         let late = |&(end, _): &(usize, usize)| end > before_min;
         match (step.finish, &step.stop_reason) {
             (None, None) => {
                 let held = &fed[sent.len()..];
                 assert!(
-                    held.is_empty() || stops.iter().any(|s| s.len() > held.len() && s.starts_with(held)),
+                    held.is_empty()
+                        || stops
+                            .iter()
+                            .any(|s| s.len() > held.len() && s.starts_with(held)),
                     "{held:?} held back but starts no stop string of {stops:?}"
                 );
                 assert!(!occurrences(&sent, stops).iter().any(late), "{sent:?} sent");
@@ -185,12 +198,22 @@ fn check_stop(case: &Case, deltas: &[String], vocab: usize) {
             (Some(FinishReason::Stop), Some(StopReason::String(stop))) => {
                 assert!(i >= params.min_tokens, "stopped by {stop:?} at token {i}");
                 let end = sent.len() + stop.len();
-                assert!(fed[sent.len()..].starts_with(stop.as_str()), "{stop:?} in {fed:?}");
+                assert!(
+                    fed[sent.len()..].starts_with(stop.as_str()),
+                    "{stop:?} in {fed:?}"
+                );
                 let first = occurrences(&fed, stops).into_iter().filter(late).min();
-                assert_eq!(first, Some((end, sent.len())), "{fed:?} stopped at {stop:?}");
+                assert_eq!(
+                    first,
+                    Some((end, sent.len())),
+                    "{fed:?} stopped at {stop:?}"
+                );
             }
             (Some(FinishReason::Stop), Some(StopReason::Eos | StopReason::Token(_))) => {
-                assert!(i >= params.min_tokens && stop_ids.contains(&id), "token {i}: {id}");
+                assert!(
+                    i >= params.min_tokens && stop_ids.contains(&id),
+                    "token {i}: {id}"
+                );
                 assert_eq!(sent, fed);
                 assert!(!occurrences(&sent, stops).iter().any(late), "{sent:?} sent");
             }

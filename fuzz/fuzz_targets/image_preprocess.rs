@@ -42,5 +42,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(pixels.data.iter().all(|v| v.is_finite()));
     }
     let bound = peak_bytes_bound(&config.limits);
-    assert!(peak as u64 <= bound, "{peak} bytes at the peak, over the bound of {bound}");
+    assert!(
+        peak as u64 <= bound,
+        "{peak} bytes at the peak, over the bound of {bound}"
+    );
 });

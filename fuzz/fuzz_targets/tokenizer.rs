@@ -17,8 +17,18 @@ use libfuzzer_sys::fuzz_target;
 /// Strings that are tokens of their own in the demo checkpoint (special and added tokens):
 /// text containing one is split around it and decoded with spaces at the seams.
 const TOKEN_STRINGS: [&str; 12] = [
-    "<s>", "</s>", "<unk>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>",
-    "</ref>", "<box>", "</box>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
 ];
 
 /// Whether the slow LlamaTokenizer gives `text` back from its ids (the reference corpus in
@@ -35,13 +45,20 @@ fn check_encode(tokenizer: &Tokenizer, text: &str) -> Option<Vec<u32>> {
     let ids = tokenizer.encode(text).ok()?;
     assert_eq!(ids.first(), Some(&tokenizer.bos_id()), "{text:?}");
     let vocab = tokenizer.vocab_size();
-    assert!(ids.iter().all(|&id| (id as usize) < vocab), "{text:?}: {ids:?}");
+    assert!(
+        ids.iter().all(|&id| (id as usize) < vocab),
+        "{text:?}: {ids:?}"
+    );
     Some(ids)
 }
 
 fn check_decode(tokenizer: &Tokenizer, ids: &[u32]) {
     let vocab = tokenizer.vocab_size();
-    let known: Vec<u32> = ids.iter().copied().filter(|&id| (id as usize) < vocab).collect();
+    let known: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|&id| (id as usize) < vocab)
+        .collect();
     for skip in [true, false] {
         assert_eq!(
             tokenizer.decode(ids, skip),
@@ -50,7 +67,11 @@ fn check_decode(tokenizer: &Tokenizer, ids: &[u32]) {
         );
     }
     for &id in ids {
-        assert_eq!(tokenizer.token_bytes(id).is_some(), (id as usize) < vocab, "id {id}");
+        assert_eq!(
+            tokenizer.token_bytes(id).is_some(),
+            (id as usize) < vocab,
+            "id {id}"
+        );
         tokenizer.is_special(id);
     }
 }

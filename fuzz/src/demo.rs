@@ -32,7 +32,8 @@ pub fn tokenizer() -> Arc<Tokenizer> {
 pub fn json_tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
     TOKENIZER.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer-json");
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer-json");
         Tokenizer::from_dir(&dir).expect("the tokenizer.json fixture loads")
     })
 }
