@@ -2,8 +2,8 @@
 # Builds the fuzz targets of fuzz/ (cargo-fuzz, libFuzzer, on stable Rust: no sanitizer, so no
 # nightly flag is needed; coverage comes from the stable `-Cpasses=sancov-module`) and runs each
 # for a fixed number of executions from its committed seeds (fuzz/seeds/<target>/) and its
-# regression inputs (fuzz/regressions/<target>/, every one run first). Overflow checks and debug
-# assertions are on.
+# regression inputs (fuzz/regressions/<target>/, every one run first), with the dictionary of
+# fuzz/dicts/<target>.dict where there is one. Overflow checks and debug assertions are on.
 #
 #   bash scripts/fuzz.sh              the long run for the record: 1,000,000 executions a target
 #   bash scripts/fuzz.sh --ci         CI: installs cargo-fuzz if missing, 5,000 executions a target
@@ -83,13 +83,14 @@ for target in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
     inputs=("fuzz/corpus/$target" "fuzz/seeds/$target")
     [ -d "fuzz/regressions/$target" ] && inputs+=("fuzz/regressions/$target")
+    options=(-runs="$runs" -max_len="$(max_len "$target")" -timeout=20 -rss_limit_mb=4096
+        -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$target/")
+    [ -f "fuzz/dicts/$target.dict" ] && options+=(-dict="fuzz/dicts/$target.dict")
     log="fuzz/target/logs/$target.log"
     echo "== $target: $runs executions (log: $log)"
     start=$(date +%s%N)
     set +e
-    "$bin_dir/$target" "${inputs[@]}" -runs="$runs" -max_len="$(max_len "$target")" \
-        -timeout=20 -rss_limit_mb=4096 -print_final_stats=1 \
-        -artifact_prefix="fuzz/artifacts/$target/" >"$log" 2>&1
+    "$bin_dir/$target" "${inputs[@]}" "${options[@]}" >"$log" 2>&1
     status=$?
     set -e
     millis=$(( ($(date +%s%N) - start) / 1000000 ))

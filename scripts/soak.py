@@ -634,7 +634,11 @@ def main() -> int:
         for _ in range(60):
             if not server_alive:
                 break
-            text = client.get("/metrics")[1].decode()
+            try:
+                text = client.get("/metrics")[1].decode()
+            except (Lost, OSError) as e:
+                print(f"/metrics not answered after the traffic: {e}", file=sys.stderr)
+                break
             kv = metric(text, "kv_cache_usage_perc")
             running = metric(text, "num_requests_running")
             waiting = metric(text, "num_requests_waiting")
@@ -693,6 +697,19 @@ def main() -> int:
         "cancelled_by_client": tally.count("cancelled"),
         "lost": tally.count("lost"),
         "by_kind": by_kind,
+        "statuses": {str(code): sum(o.status == code for o in outcomes)
+                     for code in sorted({o.status for o in outcomes}, key=str)},
+        "definitions": {
+            "completed": "200 with a whole answer: JSON with every choice finished, or a "
+                         "stream ending in [DONE] with every choice finished, no error event",
+            "refused_4xx": "an answer with a 4xx status",
+            "server_5xx": "a 5xx status, or an error event inside a 200 stream",
+            "cancelled_by_client": "a stream this script closed on purpose",
+            "lost": "connection refused or reset, no byte for --read-timeout seconds, a "
+                    "response cut before its headers or body end, or a stream ending "
+                    "without [DONE] and without an error event, for a request not cancelled",
+            "clean_end": "after SIGTERM: a stream ending with an error event then [DONE]",
+        },
         "failures": [vars(o) for o in failures[:20]],
         "bad_inputs_accepted": [vars(o) for o in bad_accepted[:20]],
         "good_requests_refused": [vars(o) for o in good_refused[:20]],

@@ -22,7 +22,7 @@ static ALLOC: CountingAlloc = CountingAlloc;
 
 fn config(input_len: usize) -> PreprocessConfig {
     PreprocessConfig {
-        image_size: if input_len % 8 == 0 { 448 } else { 32 },
+        image_size: if input_len.is_multiple_of(8) { 448 } else { 32 },
         limits: DecodeLimits {
             max_pixels: 4_000_000,
             ..DecodeLimits::default()
