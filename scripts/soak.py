@@ -474,8 +474,8 @@ def sigterm_under_load(client: Client, proc: subprocess.Popen, streams: int,
 
     def one(i: int):
         # Long enough to be running when SIGTERM comes, some past --shutdown-timeout.
-        body = chat_body([], f"Count to a thousand, {i}.", max_tokens=200 + 200 * i, stream=True,
-                         ignore_eos=True)
+        body = chat_body([], f"Count to a thousand, {i}.", max_tokens=150 * (i % 12 + 1),
+                         stream=True, ignore_eos=True)
         conn = None
         signalled = False
         try:
@@ -547,8 +547,8 @@ def main() -> int:
                         help="the server's KV pool (1MiB: 128 blocks, one full context of the "
                         "demo model, so that concurrent requests preempt each other)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
-    parser.add_argument("--sigterm-streams", type=int, default=8,
-                        help="streams in flight when SIGTERM is sent (8)")
+    parser.add_argument("--sigterm-streams", type=int, default=12,
+                        help="streams in flight when SIGTERM is sent (12)")
     parser.add_argument("--shutdown-timeout", type=int, default=30,
                         help="the server's --shutdown-timeout, seconds (30)")
     parser.add_argument("--read-timeout", type=float, default=180.0,
