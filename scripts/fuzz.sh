@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
         --ci) ci=true; runs=5000 ;;
         --runs) runs="$2"; shift ;;
         --target) targets+=("$2"); shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | cut -c3-; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
