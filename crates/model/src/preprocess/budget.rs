@@ -29,10 +29,12 @@ const FIXED_BYTES: u64 = 4 * PNG_METADATA_BYTES as u64 + (32 << 20);
 /// libjpeg-turbo's C heap too), resizing and normalising, on top of the input slice itself.
 ///
 /// For the defaults (50 megapixels) this is 16 × 50,000,000 + 96 MiB ≈ 901 MB; it does not
-/// depend on `max_bytes`, since no decoder keeps more than a fixed share of the input. One
-/// exception is known and not covered: image-webp builds every Huffman group a lossless WebP
-/// declares (up to 65,536 of them, about 120 KB each at worst) before looking at pixels, so a
-/// crafted lossless WebP can allocate several hundred times its own size.
+/// depend on `max_bytes`, since no decoder keeps more than a fixed share of the input.
+/// image-webp builds every Huffman group a lossless WebP bitstream declares (up to 65,536 of
+/// them, about 120 KB each at worst) before looking at pixels, which would let a few MB of file
+/// allocate gigabytes: the bitstream (a `VP8L` frame or a lossless `ALPH` plane) is read up to
+/// the end of its groups first, and an image whose groups, with what the decoder already holds,
+/// would pass this bound is refused.
 pub fn peak_bytes_bound(limits: &DecodeLimits) -> u64 {
     limits
         .max_pixels

@@ -8,6 +8,7 @@ mod bmp;
 mod gif;
 mod jpeg;
 mod png;
+mod vp8l_bound;
 mod webp;
 
 use std::fmt;
