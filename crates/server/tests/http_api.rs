@@ -1,87 +1,27 @@
 //! The server over real HTTP on the demo checkpoint: every response field, every error
 //! status, streaming equal to non-streaming, cancellation, the queue bound.
 
-use base64::Engine as _;
-use internvl_server::serve::serve;
-use internvl_server::settings::{ServeArgs, Settings};
-use serde_json::{json, Value};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+mod common;
 
-const MODEL: &str = "demo-internvl";
+use common::{fixture_data_url, root, sse_data, Server, Wait, MODEL};
+use internvl_server::settings::ServeArgs;
+use serde_json::{json, Value};
+use std::time::Duration;
+
 /// The test chat's prompt: 256 image tokens and 21 of template and question.
 const PROMPT_TOKENS: u64 = 256 + 21;
 
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
 fn image_url(file: &str) -> String {
-    let bytes = std::fs::read(root().join("tests/fixtures/images").join(file)).unwrap();
-    format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    )
-}
-
-/// A server on 127.0.0.1 with a small KV cache; dropped, it shuts down.
-struct Server {
-    addr: SocketAddr,
-    client: reqwest::Client,
-    _stop: oneshot::Sender<()>,
+    fixture_data_url(file, "image/png")
 }
 
 impl Server {
+    /// A server on 127.0.0.1 with a small KV cache, `edit`ed, once its model has loaded or
+    /// failed to load; dropped, it shuts down.
     async fn start(edit: impl FnOnce(&mut ServeArgs)) -> Server {
-        let mut args = ServeArgs {
-            model: Some(root().join("models/demo-internvl")),
-            kv_cache_memory: Some("16MiB".into()),
-            ..ServeArgs::default()
-        };
+        let mut args = common::demo_args();
         edit(&mut args);
-        let settings = Settings::resolve(args, PathBuf::new()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(serve(settings, listener, async move {
-            let _ = stopped.await;
-        }));
-        let server = Server {
-            addr,
-            client: reqwest::Client::new(),
-            _stop: stop,
-        };
-        for _ in 0..800 {
-            if let Ok(r) = server.client.get(server.url("/health")).send().await {
-                if r.status() == 200 || r.status() == 503 && server.failed().await {
-                    return server;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the server did not become ready");
-    }
-
-    async fn failed(&self) -> bool {
-        let body = self.get("/health").await.1;
-        body.to_string().contains("failed to load")
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.client.get(self.url(path)).send().await.unwrap();
-        let status = r.status().as_u16();
-        let bytes = r.bytes().await.unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        Server::spawn_and_wait(args, reqwest::Client::new(), Wait::HealthyOrLoadFailed).await
     }
 
     async fn post_raw(&self, path: &str, body: Vec<u8>, key: Option<&str>) -> reqwest::Response {
@@ -115,30 +55,8 @@ impl Server {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], "text/event-stream");
         let mut text = String::new();
-        while let Some(chunk) = r.chunk().await.unwrap() {
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        text.lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .map(str::to_string)
-            .collect()
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| l.starts_with(name) && !l.starts_with('#'))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name}"))
+        common::read_rest(&mut r, &mut text).await;
+        sse_data(&text).map(str::to_string).collect()
     }
 }
 

@@ -2,73 +2,39 @@
 //! closed, connections past the cap are refused while the server goes on serving, a streamed
 //! answer outlasts every timeout, and a drain answers 503 until what is in flight is done.
 
-use internvl_server::serve::serve;
-use internvl_server::settings::{ServeArgs, Settings};
+mod common;
+
+use common::{Server, Wait};
+use internvl_server::settings::ServeArgs;
 use serde_json::json;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
 /// Longest a test waits for something the server must do after a one-second timeout; old
 /// code never does it at all.
 const PATIENCE: Duration = Duration::from_secs(15);
 
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-/// `internvl serve` in this process, with one-second header and body timeouts.
-struct Server {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    serving: JoinHandle<anyhow::Result<()>>,
-}
-
 impl Server {
+    /// `internvl serve` in this process, with one-second header and body timeouts, `edit`ed;
+    /// returns at once, the model still loading.
     async fn start(edit: impl FnOnce(&mut ServeArgs)) -> Server {
         let mut args = ServeArgs {
-            model: Some(root().join("models/demo-internvl")),
-            kv_cache_memory: Some("16MiB".into()),
             header_read_timeout: Some(1),
             body_read_timeout: Some(1),
             idle_timeout: Some(3),
-            ..ServeArgs::default()
+            ..common::demo_args()
         };
         edit(&mut args);
-        let settings = Settings::resolve(args, PathBuf::new()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let serving = tokio::spawn(serve(settings, listener, async move {
-            let _ = stopped.await;
-        }));
-        Server {
-            addr,
-            stop: Some(stop),
-            serving,
-        }
+        // The tests here make their own clients; this one is never used.
+        Server::spawn(args, reqwest::Client::new()).await
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// Waits until the model has loaded.
+    /// Waits until the model has loaded, asking with a client of its own (dropped after, with
+    /// its connections).
     async fn ready(&self) {
-        let client = reqwest::Client::new();
-        for _ in 0..800 {
-            if let Ok(r) = client.get(self.url("/health")).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the server did not become ready");
+        self.wait_for_health(&reqwest::Client::new(), Wait::Healthy)
+            .await;
     }
 
     async fn connect(&self) -> TcpStream {
@@ -245,11 +211,7 @@ async fn connections_past_the_cap_are_refused_while_the_server_serves() {
         .text()
         .await
         .unwrap();
-    let refused = text
-        .lines()
-        .find(|l| l.starts_with("internvl:http_connections_refused_total"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok());
+    let refused = common::sample(&text, "internvl:http_connections_refused_total", "");
     assert_eq!(refused, Some(1.0), "{text}");
 }
 
@@ -276,9 +238,7 @@ async fn a_stream_outlasts_every_timeout() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let mut text = String::new();
-    while let Some(chunk) = response.chunk().await.unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    common::read_rest(&mut response, &mut text).await;
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert_eq!(text.matches("\"finish_reason\":\"length\"").count(), 1);
     // Without this the test would prove nothing: the stream outlived the 1 s header, body and
@@ -345,12 +305,7 @@ async fn a_drain_answers_503_closes_what_is_idle_and_ends_when_the_stream_does()
     assert_eq!(refused.status(), 503);
     assert!(!s.serving.is_finished(), "a stream is still in flight");
 
-    let mut tokens_after_drain = 0;
-    while let Some(chunk) = response.chunk().await.unwrap() {
-        let chunk = String::from_utf8_lossy(&chunk).into_owned();
-        tokens_after_drain += chunk.matches("\"content\":").count();
-        text.push_str(&chunk);
-    }
+    let tokens_after_drain = common::read_rest(&mut response, &mut text).await;
     assert!(
         tokens_after_drain > 0,
         "the stream was in flight at the drain"

@@ -3,91 +3,28 @@
 //! a 500 with OpenAI error JSON; every KV block comes back, and the next request is served
 //! normally.
 
-use internvl_model::LoadedModel;
-use internvl_scheduler::{Engine, EngineConfig, ForwardSeq, ModelRunner, RunnerError};
-use internvl_server::api::routes::router;
-use internvl_server::runner::{CandleRunner, TokenizerDecoder};
-use internvl_server::serve::app_state;
-use internvl_server::settings::{ServeArgs, Settings};
-use internvl_server::state::{AppState, Ready};
+mod common;
+
+use common::{blocks_used_settled, json_body, post, sse_data, Faulty};
+use internvl_scheduler::RunnerError;
+use internvl_server::state::AppState;
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
 
-/// The demo model, whose forward fails once: the call numbered `fail_at` (from 0).
-struct FailOnce {
-    inner: CandleRunner,
-    calls: Arc<AtomicUsize>,
-    fail_at: usize,
-}
-
-impl ModelRunner for FailOnce {
-    type Pixels = <CandleRunner as ModelRunner>::Pixels;
-    type ImageEmbeds = <CandleRunner as ModelRunner>::ImageEmbeds;
-
-    fn encode_images(
-        &mut self,
-        images: &[&Self::Pixels],
-    ) -> Result<Vec<Self::ImageEmbeds>, RunnerError> {
-        self.inner.encode_images(images)
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.inner.vocab_size()
-    }
-
-    fn embeds_bytes(&self, embeds: &Self::ImageEmbeds) -> usize {
-        self.inner.embeds_bytes(embeds)
-    }
-
-    fn forward(
-        &mut self,
-        batch: &[ForwardSeq<'_, Self::ImageEmbeds>],
-    ) -> Result<Vec<Vec<f32>>, RunnerError> {
-        if self.calls.fetch_add(1, Ordering::SeqCst) == self.fail_at {
-            return Err(RunnerError("injected device failure".into()));
-        }
-        self.inner.forward(batch)
-    }
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-/// A server whose model fails on its `fail_at`-th forward; returns its address and state.
+/// A server whose model (the demo model) fails once: on the forward numbered `fail_at` (from
+/// 0). Returns its chat URL, its state and the count of forwards so far.
 async fn start(fail_at: usize) -> (String, Arc<AppState>, Arc<AtomicUsize>) {
-    let args = ServeArgs {
-        model: Some(root().join("models/demo-internvl")),
-        ..ServeArgs::default()
-    };
-    let settings = Settings::resolve(args, PathBuf::new()).unwrap();
-    let state = app_state(&settings).unwrap();
-    let loaded = LoadedModel::load(&settings.model, &candle_core::Device::Cpu, None).unwrap();
-    let (blocks, block_size) = (64, 16);
     let calls = Arc::new(AtomicUsize::new(0));
-    let runner = FailOnce {
-        inner: CandleRunner::new(loaded.model.clone(), blocks, block_size).unwrap(),
-        calls: calls.clone(),
-        fail_at,
-    };
-    let decoder = Arc::new(TokenizerDecoder(loaded.tokenizer.clone()));
-    let config = EngineConfig::new(blocks, block_size, 1024);
-    let engine = Engine::start(runner, config, decoder).unwrap();
-    let ready = Ready {
-        loaded,
-        engine,
-        max_model_len: 1024,
-    };
-    assert!(state.ready.set(ready).is_ok());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = router(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/v1/chat/completions"), state, calls)
+    let counted = calls.clone();
+    let (base, state) = common::serve_engine(64, move |_, inner| {
+        Faulty::new(inner, move |_| {
+            (counted.fetch_add(1, Ordering::SeqCst) == fail_at)
+                .then(|| RunnerError("injected device failure".into()))
+        })
+    })
+    .await;
+    (format!("{base}/v1/chat/completions"), state, calls)
 }
 
 fn request(stream: bool) -> Value {
@@ -100,34 +37,6 @@ fn request(stream: bool) -> Value {
     })
 }
 
-async fn post(client: &reqwest::Client, url: &str, body: &Value) -> reqwest::Response {
-    client
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn json_body(response: reqwest::Response) -> Value {
-    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
-}
-
-/// KV blocks in use once the engine has published the step that ended the request: the
-/// client hears of the failure during that step, the counters follow at its end.
-async fn blocks_used_after_step(state: &AppState) -> usize {
-    let engine = &state.ready.get().unwrap().engine;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let used = engine.stats().blocks_used;
-        if used == 0 || Instant::now() > deadline {
-            return used;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_failed_forward_mid_stream_ends_the_stream_with_an_error_event() {
     // Forward 0 is the prefill, 1..=4 decode steps: the fifth forward fails.
@@ -136,9 +45,7 @@ async fn a_failed_forward_mid_stream_ends_the_stream_with_an_error_event() {
     let body = post(&client, &url, &request(true)).await;
     assert_eq!(body.status(), 200);
     let text = body.text().await.unwrap();
-    let events: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
+    let events: Vec<Value> = sse_data(&text)
         .filter(|d| *d != "[DONE]")
         .map(|d| serde_json::from_str(d).unwrap())
         .collect();
@@ -163,7 +70,7 @@ async fn a_failed_forward_mid_stream_ends_the_stream_with_an_error_event() {
     assert!(calls.load(Ordering::SeqCst) >= 5);
 
     // Everything was freed, and the next request is served normally.
-    assert_eq!(blocks_used_after_step(&state).await, 0);
+    assert_eq!(blocks_used_settled(&state).await, 0);
     let next = json_body(post(&client, &url, &request(false)).await).await;
     assert_eq!(next["choices"][0]["finish_reason"], "length", "{next}");
     assert_eq!(next["usage"]["completion_tokens"], 12);
@@ -182,5 +89,5 @@ async fn a_failed_forward_gives_a_non_streaming_request_a_500() {
         "{message}"
     );
     assert!(!message.contains("injected device failure"), "{message}");
-    assert_eq!(blocks_used_after_step(&state).await, 0);
+    assert_eq!(blocks_used_settled(&state).await, 0);
 }

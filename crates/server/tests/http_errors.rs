@@ -2,20 +2,16 @@
 //! id, never the failure's detail (candle's errors carry backtraces with source paths); the
 //! detail and the request's log line go to the log at ERROR, with the request id.
 
+mod common;
+
 use axum::routing::get;
 use axum::Router;
-use internvl_model::LoadedModel;
-use internvl_scheduler::{Engine, EngineConfig, ForwardSeq, ModelRunner, RunnerError};
-use internvl_server::api::routes::{router, with_layers};
-use internvl_server::runner::{CandleRunner, TokenizerDecoder};
-use internvl_server::serve::app_state;
-use internvl_server::settings::{ServeArgs, Settings};
-use internvl_server::state::{AppState, Ready};
+use common::{demo_state, serve_app, sse_data, Faulty};
+use internvl_scheduler::RunnerError;
+use internvl_server::api::routes::with_layers;
 use serde_json::{json, Value};
 use std::io::Write;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Once};
-use tokio::net::TcpListener;
+use std::sync::{Mutex, Once};
 
 /// Every log line of this test binary, as JSON.
 static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -57,11 +53,6 @@ fn logged(request_id: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The demo model, whose every forward fails with a candle error carrying its backtrace.
-struct Failing {
-    inner: CandleRunner,
-}
-
 /// What the failure says: a real candle error, with `RUST_BACKTRACE=1` its backtrace.
 fn failure() -> String {
     candle_core::Error::Msg("injected device failure".into())
@@ -69,76 +60,14 @@ fn failure() -> String {
         .to_string()
 }
 
-impl ModelRunner for Failing {
-    type Pixels = <CandleRunner as ModelRunner>::Pixels;
-    type ImageEmbeds = <CandleRunner as ModelRunner>::ImageEmbeds;
-
-    fn encode_images(
-        &mut self,
-        images: &[&Self::Pixels],
-    ) -> Result<Vec<Self::ImageEmbeds>, RunnerError> {
-        self.inner.encode_images(images)
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.inner.vocab_size()
-    }
-
-    fn embeds_bytes(&self, embeds: &Self::ImageEmbeds) -> usize {
-        self.inner.embeds_bytes(embeds)
-    }
-
-    fn forward(
-        &mut self,
-        _batch: &[ForwardSeq<'_, Self::ImageEmbeds>],
-    ) -> Result<Vec<Vec<f32>>, RunnerError> {
-        Err(RunnerError(failure()))
-    }
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-fn demo_state() -> Arc<AppState> {
-    let args = ServeArgs {
-        model: Some(root().join("models/demo-internvl")),
-        ..ServeArgs::default()
-    };
-    app_state(&Settings::resolve(args, PathBuf::new()).unwrap()).unwrap()
-}
-
-/// Serves `app` on a fresh port; returns its base URL.
-async fn serve_app(app: Router) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
-}
-
-/// A server whose model always fails.
+/// A server whose model (the demo model) always fails, every forward with a candle error
+/// carrying its backtrace; its base URL.
 async fn failing_server() -> String {
-    let state = demo_state();
-    let loaded = LoadedModel::load(
-        &root().join("models/demo-internvl"),
-        &candle_core::Device::Cpu,
-        None,
-    )
-    .unwrap();
-    let (blocks, block_size) = (64, 16);
-    let runner = Failing {
-        inner: CandleRunner::new(loaded.model.clone(), blocks, block_size).unwrap(),
-    };
-    let decoder = Arc::new(TokenizerDecoder(loaded.tokenizer.clone()));
-    let engine =
-        Engine::start(runner, EngineConfig::new(blocks, block_size, 1024), decoder).unwrap();
-    let ready = Ready {
-        loaded,
-        engine,
-        max_model_len: 1024,
-    };
-    assert!(state.ready.set(ready).is_ok());
-    serve_app(router(state)).await
+    common::serve_engine(64, |_, inner| {
+        Faulty::new(inner, |_| Some(RunnerError(failure())))
+    })
+    .await
+    .0
 }
 
 /// Nothing in `body` that only the server's insides know.
@@ -170,14 +99,27 @@ fn assert_logged_at_error(request_id: &str, detail: &str) {
     assert_eq!(failure["span"]["request_id"], request_id, "{failure}");
 }
 
-fn chat(stream: bool) -> String {
-    json!({
+/// Asks the server at `base` for a short chat, streamed or not, as request `request_id`.
+async fn chat(
+    client: &reqwest::Client,
+    base: &str,
+    request_id: &str,
+    stream: bool,
+) -> reqwest::Response {
+    let body = json!({
         "model": "demo-internvl",
         "messages": [{"role": "user", "content": "你好"}],
         "max_tokens": 4,
         "stream": stream,
-    })
-    .to_string()
+    });
+    client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-request-id", request_id)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -189,14 +131,7 @@ async fn a_failed_generation_says_so_plainly_and_logs_the_detail_at_error() {
     );
     let base = failing_server().await;
     let client = reqwest::Client::new();
-    let response = client
-        .post(format!("{base}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .header("x-request-id", "errors-non-streaming")
-        .body(chat(false))
-        .send()
-        .await
-        .unwrap();
+    let response = chat(&client, &base, "errors-non-streaming", false).await;
     assert_eq!(response.status(), 500);
     let body = response.text().await.unwrap();
     assert_plain(&body);
@@ -207,20 +142,12 @@ async fn a_failed_generation_says_so_plainly_and_logs_the_detail_at_error() {
     assert_logged_at_error("errors-non-streaming", "injected device failure");
 
     // A stream's error event is as plain, and still names its request.
-    let text = client
-        .post(format!("{base}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .header("x-request-id", "errors-streaming")
-        .body(chat(true))
-        .send()
+    let text = chat(&client, &base, "errors-streaming", true)
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
-    let event = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
+    let event = sse_data(&text)
         .find(|d| d.contains("\"error\""))
         .unwrap_or_else(|| panic!("no error event: {text}"));
     assert_plain(event);

@@ -4,28 +4,13 @@
 //! the 50,000,000×1 one an 800 MB tap table per image; before non-blocking opens, a FIFO under
 //! `--local-image-dir` held its request (and a blocking thread) forever.
 
-use base64::Engine as _;
-use internvl_server::serve::serve;
-use internvl_server::settings::{ServeArgs, Settings};
+mod common;
+
+use common::{data_url, fixture_data_url, Server, Wait, MODEL};
+use internvl_server::settings::ServeArgs;
 use serde_json::{json, Value};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-
-const MODEL: &str = "demo-internvl";
-
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-fn data_url(bytes: &[u8]) -> String {
-    format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    )
-}
 
 /// An 8-bit grey PNG of zeros, small whatever its size: the image data (a zero filter byte
 /// and `width` zero pixels per row) is one fixed-Huffman deflate block of a literal zero and
@@ -116,51 +101,18 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
-/// A server on 127.0.0.1 with a small KV cache; dropped, it shuts down.
-struct Server {
-    addr: SocketAddr,
-    client: reqwest::Client,
-    _stop: oneshot::Sender<()>,
-}
-
 impl Server {
+    /// A server on 127.0.0.1 with a small KV cache, `edit`ed, once its model has loaded;
+    /// dropped, it shuts down.
     async fn start(edit: impl FnOnce(&mut ServeArgs)) -> Server {
-        let mut args = ServeArgs {
-            model: Some(root().join("models/demo-internvl")),
-            kv_cache_memory: Some("16MiB".into()),
-            ..ServeArgs::default()
-        };
+        let mut args = common::demo_args();
         edit(&mut args);
-        let settings = Settings::resolve(args, PathBuf::new()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(serve(settings, listener, async move {
-            let _ = stopped.await;
-        }));
         // Generous, so that only a request that never ends fails on it.
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
             .unwrap();
-        let server = Server {
-            addr,
-            client,
-            _stop: stop,
-        };
-        for _ in 0..800 {
-            if let Ok(r) = server.client.get(server.url("/health")).send().await {
-                if r.status() == 200 {
-                    return server;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the server did not become ready");
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        Server::spawn_and_wait(args, client, Wait::Healthy).await
     }
 
     async fn chat(&self, image_url: &str) -> (u16, Value) {
@@ -191,8 +143,8 @@ impl Server {
 
     /// A normal image chat still succeeds.
     async fn still_answers(&self) {
-        let bytes = std::fs::read(root().join("tests/fixtures/images/model-a.png")).unwrap();
-        let (status, body) = self.chat(&data_url(&bytes)).await;
+        let url = fixture_data_url("model-a.png", "image/png");
+        let (status, body) = self.chat(&url).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
     }
@@ -211,10 +163,10 @@ fn assert_invalid_messages(status: u16, body: &Value, needle: &str) {
 async fn one_pixel_wide_or_high_pngs_are_a_400_and_the_server_lives_on() {
     let s = Server::start(|_| {}).await;
     // The same construction at an ordinary size is a valid image the server answers about.
-    let (status, body) = s.chat(&data_url(&zero_png(300, 200))).await;
+    let (status, body) = s.chat(&data_url("image/png", &zero_png(300, 200))).await;
     assert_eq!(status, 200, "{body}");
     for (width, height) in [(1u32, 50_000_000u32), (50_000_000, 1)] {
-        let url = data_url(&zero_png(width, height));
+        let url = data_url("image/png", &zero_png(width, height));
         let (status, body) = s.chat(&url).await;
         assert_invalid_messages(
             status,

@@ -3,22 +3,19 @@
 //! request whose tokens make the model fail gets its error alone while the eight streams it
 //! was batched with complete with exactly the tokens they yield alone.
 
+mod common;
+
+use common::{blocks_used_settled, json_body, post, sse_data, Faulty, MODEL};
 use internvl_model::prompt::{ChatMessage, Part, Role};
 use internvl_model::LoadedModel;
-use internvl_scheduler::{Engine, EngineConfig, ForwardSeq, ModelRunner, RunnerError};
-use internvl_server::api::routes::router;
-use internvl_server::runner::{CandleRunner, TokenizerDecoder};
-use internvl_server::serve::app_state;
-use internvl_server::settings::{ServeArgs, Settings};
-use internvl_server::state::{AppState, Ready};
+use internvl_scheduler::{ForwardSeq, ModelRunner, RunnerError};
+use internvl_server::runner::CandleRunner;
+use internvl_server::state::AppState;
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
+use std::time::Duration;
 
-const MODEL: &str = "demo-internvl";
 /// Tokens each of the eight streams generates: enough that they are still decoding when the
 /// ninth request arrives.
 const STREAM_TOKENS: u64 = 160;
@@ -26,56 +23,21 @@ const NORMAL_TEXT: &str = "你好";
 const POISON_TEXT: &str = "zebra quartz xylophone jukebox";
 
 /// The demo model, failing every forward whose batch holds a sequence with `poison` among
-/// its tokens (a model fault caused by one sequence's input).
-struct Poisoned {
-    inner: CandleRunner,
-    poison: Vec<u32>,
-    /// Set when a failing batch held other sequences too: the case under test.
-    shared_a_batch: Arc<AtomicBool>,
-}
-
-impl ModelRunner for Poisoned {
-    type Pixels = <CandleRunner as ModelRunner>::Pixels;
-    type ImageEmbeds = <CandleRunner as ModelRunner>::ImageEmbeds;
-
-    fn encode_images(
-        &mut self,
-        images: &[&Self::Pixels],
-    ) -> Result<Vec<Self::ImageEmbeds>, RunnerError> {
-        self.inner.encode_images(images)
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.inner.vocab_size()
-    }
-
-    fn embeds_bytes(&self, embeds: &Self::ImageEmbeds) -> usize {
-        self.inner.embeds_bytes(embeds)
-    }
-
-    fn forward(
-        &mut self,
-        batch: &[ForwardSeq<'_, Self::ImageEmbeds>],
-    ) -> Result<Vec<Vec<f32>>, RunnerError> {
-        let poisoned = |s: &ForwardSeq<'_, _>| {
-            s.tokens
-                .windows(self.poison.len())
-                .any(|w| w == self.poison)
-        };
+/// its tokens (a model fault caused by one sequence's input); `shared_a_batch` is set when a
+/// failing batch held other sequences too: the case under test.
+fn poisoned(inner: CandleRunner, poison: Vec<u32>, shared_a_batch: Arc<AtomicBool>) -> Faulty {
+    Faulty::new(inner, move |batch| {
+        let poisoned = |s: &ForwardSeq<'_, _>| s.tokens.windows(poison.len()).any(|w| w == poison);
         if batch.iter().any(poisoned) {
             if batch.len() > 1 {
-                self.shared_a_batch.store(true, Ordering::SeqCst);
+                shared_a_batch.store(true, Ordering::SeqCst);
             }
-            return Err(RunnerError(
+            return Some(RunnerError(
                 "injected failure of a poisoned sequence".into(),
             ));
         }
-        self.inner.forward(batch)
-    }
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        None
+    })
 }
 
 fn user(text: &str) -> Vec<ChatMessage> {
@@ -97,7 +59,8 @@ fn poison_window(loaded: &LoadedModel) -> Vec<u32> {
         .to_vec()
 }
 
-/// A server on the demo model behind `router`, its engine over `runner`.
+/// A server on the demo model behind `router`, its engine over `runner`; its chat URL and
+/// state.
 async fn start_with<R>(
     runner: impl FnOnce(&LoadedModel, CandleRunner) -> R,
 ) -> (String, Arc<AppState>)
@@ -107,30 +70,8 @@ where
         ImageEmbeds = <CandleRunner as ModelRunner>::ImageEmbeds,
     >,
 {
-    let args = ServeArgs {
-        model: Some(root().join("models/demo-internvl")),
-        ..ServeArgs::default()
-    };
-    let settings = Settings::resolve(args, PathBuf::new()).unwrap();
-    let state = app_state(&settings).unwrap();
-    let loaded = LoadedModel::load(&settings.model, &candle_core::Device::Cpu, None).unwrap();
-    let (blocks, block_size) = (256, 16);
-    let inner = CandleRunner::new(loaded.model.clone(), blocks, block_size).unwrap();
-    let runner = runner(&loaded, inner);
-    let decoder = Arc::new(TokenizerDecoder(loaded.tokenizer.clone()));
-    let config = EngineConfig::new(blocks, block_size, 1024);
-    let engine = Engine::start(runner, config, decoder).unwrap();
-    let ready = Ready {
-        loaded,
-        engine,
-        max_model_len: 1024,
-    };
-    assert!(state.ready.set(ready).is_ok());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = router(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/v1/chat/completions"), state)
+    let (base, state) = common::serve_engine(256, runner).await;
+    (format!("{base}/v1/chat/completions"), state)
 }
 
 fn chat(text: &str, stream: bool, max_tokens: u64) -> Value {
@@ -144,18 +85,13 @@ fn chat(text: &str, stream: bool, max_tokens: u64) -> Value {
     })
 }
 
-async fn post(client: &reqwest::Client, url: &str, body: &Value) -> reqwest::Response {
-    client
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
+/// What `NORMAL_TEXT` yields, not streamed and alone: the text the eight streams must match.
+async fn alone(client: &reqwest::Client, url: &str) -> String {
+    let alone = json_body(post(client, url, &chat(NORMAL_TEXT, false, STREAM_TOKENS)).await).await;
+    alone["choices"][0]["message"]["content"]
+        .as_str()
         .unwrap()
-}
-
-async fn json_body(response: reqwest::Response) -> Value {
-    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+        .to_string()
 }
 
 /// A streamed answer: its text, its finish reason, and whether it ended in an error event.
@@ -192,7 +128,7 @@ async fn stream(
         errors: Vec::new(),
         done: false,
     };
-    for data in raw.lines().filter_map(|l| l.strip_prefix("data: ")) {
+    for data in sse_data(&raw) {
         if data == "[DONE]" {
             out.done = true;
             continue;
@@ -238,29 +174,11 @@ async fn eight_streams(
     streams
 }
 
-/// KV blocks in use once the engine has caught up.
-async fn blocks_used_settled(state: &AppState) -> usize {
-    let engine = &state.ready.get().unwrap().engine;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let used = engine.stats().blocks_used;
-        if used == 0 || Instant::now() > deadline {
-            return used;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn limits_of_two_to_the_64_are_refused_while_eight_streams_complete() {
     let (url, state) = start_with(|_, runner| runner).await;
     let client = reqwest::Client::new();
-    let alone =
-        json_body(post(&client, &url, &chat(NORMAL_TEXT, false, STREAM_TOKENS)).await).await;
-    let expected = alone["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let expected = alone(&client, &url).await;
 
     let streams = eight_streams(&client, &url).await;
     let huge = u64::MAX;
@@ -298,19 +216,10 @@ async fn limits_of_two_to_the_64_are_refused_while_eight_streams_complete() {
 async fn a_request_that_makes_the_model_fail_fails_alone() {
     let shared_a_batch = Arc::new(AtomicBool::new(false));
     let flag = shared_a_batch.clone();
-    let (url, state) = start_with(move |loaded, inner| Poisoned {
-        inner,
-        poison: poison_window(loaded),
-        shared_a_batch: flag,
-    })
-    .await;
+    let (url, state) =
+        start_with(move |loaded, inner| poisoned(inner, poison_window(loaded), flag)).await;
     let client = reqwest::Client::new();
-    let alone =
-        json_body(post(&client, &url, &chat(NORMAL_TEXT, false, STREAM_TOKENS)).await).await;
-    let expected = alone["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let expected = alone(&client, &url).await;
 
     let streams = eight_streams(&client, &url).await;
     let poisoned = post(&client, &url, &chat(POISON_TEXT, false, 16)).await;

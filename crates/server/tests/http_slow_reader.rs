@@ -3,86 +3,27 @@
 //! cancelled (counted in `internvl:request_output_buffer_overflows_total`), its KV blocks
 //! come back, and other clients are served meanwhile.
 
-use internvl_server::serve::serve;
-use internvl_server::settings::{ServeArgs, Settings};
+mod common;
+
+use common::{Server, Wait, MODEL};
+use internvl_server::settings::ServeArgs;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::oneshot;
+use tokio::net::TcpSocket;
 
-const MODEL: &str = "demo-internvl";
 const OVERFLOWS: &str = "internvl:request_output_buffer_overflows_total";
 
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-/// A server on 127.0.0.1 that lets a request hold 16 KiB of unread output; dropped, it shuts
-/// down.
-struct Server {
-    addr: SocketAddr,
-    client: reqwest::Client,
-    _stop: oneshot::Sender<()>,
-}
-
 impl Server {
+    /// A server on 127.0.0.1 that lets a request hold 16 KiB of unread output, once its model
+    /// has loaded; dropped, it shuts down.
     async fn start() -> Server {
         let args = ServeArgs {
-            model: Some(root().join("models/demo-internvl")),
-            kv_cache_memory: Some("16MiB".into()),
             max_buffered_output_bytes: Some(16 << 10),
-            ..ServeArgs::default()
+            ..common::demo_args()
         };
-        let settings = Settings::resolve(args, PathBuf::new()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(serve(settings, listener, async move {
-            let _ = stopped.await;
-        }));
-        let server = Server {
-            addr,
-            client: reqwest::Client::new(),
-            _stop: stop,
-        };
-        for _ in 0..800 {
-            if let Ok(r) = server.client.get(server.url("/health")).send().await {
-                if r.status() == 200 {
-                    return server;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the server did not become ready");
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        self.labelled_metric(name, "").await
-    }
-
-    /// The sample of `name` whose labels include `label` (such as `reason="abort"`).
-    async fn labelled_metric(&self, name: &str, label: &str) -> f64 {
-        let text = self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| l.starts_with(name) && l.contains(label))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name}"))
+        Server::spawn_and_wait(args, reqwest::Client::new(), Wait::Healthy).await
     }
 
     /// Polls `name` until `done` holds of it, for at most `seconds`.
@@ -104,19 +45,9 @@ impl Server {
             "max_tokens": max_tokens,
             "ignore_eos": true,
         });
-        let r = self
-            .client
-            .post(self.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
+        let r = self.send("/v1/chat/completions", &body).await;
         let status = r.status().as_u16();
-        (
-            status,
-            serde_json::from_slice(&r.bytes().await.unwrap()).unwrap(),
-        )
+        (status, common::json_body(r).await)
     }
 }
 

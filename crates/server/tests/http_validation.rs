@@ -3,82 +3,23 @@
 //! prompts never stall the other routes, image memory is bounded per request and across
 //! requests, and unknown model names are not echoed whole.
 
-use base64::Engine as _;
-use internvl_server::serve::serve;
-use internvl_server::settings::{ServeArgs, Settings};
-use serde_json::{json, Value};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+mod common;
 
-const MODEL: &str = "demo-internvl";
+use common::{fixture_data_url, Server, Wait, MODEL};
+use internvl_server::settings::ServeArgs;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
 /// The demo checkpoint's vocabulary: logit_bias ids from here on do not exist.
 const VOCAB: u32 = 1809;
 
-fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-fn data_url(file: &str, media_type: &str) -> String {
-    let bytes = std::fs::read(root().join("tests/fixtures/images").join(file)).unwrap();
-    format!(
-        "data:{media_type};base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    )
-}
-
-/// A server on 127.0.0.1 on the demo checkpoint; dropped, it shuts down.
-struct Server {
-    addr: SocketAddr,
-    client: reqwest::Client,
-    _stop: oneshot::Sender<()>,
-}
-
 impl Server {
+    /// A server on 127.0.0.1 on the demo checkpoint, `edit`ed, once its model has loaded;
+    /// dropped, it shuts down.
     async fn start(edit: impl FnOnce(&mut ServeArgs)) -> Server {
-        let mut args = ServeArgs {
-            model: Some(root().join("models/demo-internvl")),
-            kv_cache_memory: Some("16MiB".into()),
-            ..ServeArgs::default()
-        };
+        let mut args = common::demo_args();
         edit(&mut args);
-        let settings = Settings::resolve(args, PathBuf::new()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(serve(settings, listener, async move {
-            let _ = stopped.await;
-        }));
-        let server = Server {
-            addr,
-            client: reqwest::Client::new(),
-            _stop: stop,
-        };
-        for _ in 0..800 {
-            if let Ok(r) = server.client.get(server.url("/health")).send().await {
-                if r.status() == 200 {
-                    return server;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the server did not become ready");
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn send(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap()
+        Server::spawn_and_wait(args, reqwest::Client::new(), Wait::Healthy).await
     }
 
     /// Status, content type and body (JSON, or Null when it is not JSON).
@@ -322,7 +263,7 @@ async fn long_prompts_never_stall_other_routes() {
 
 #[tokio::test]
 async fn image_bytes_are_bounded_per_request() {
-    let gif = data_url("gif_240x160.gif", "image/gif");
+    let gif = fixture_data_url("gif_240x160.gif", "image/gif");
     let s = Server::start(|a| a.max_request_image_bytes = Some(4000)).await;
     let image = |url: &str| json!({"type": "image_url", "image_url": {"url": url}});
     let one = chat(
@@ -347,7 +288,7 @@ async fn image_bytes_are_bounded_per_request() {
 /// One image's pixels (448×448×3 f32) take 2352 KiB: a 4 MiB budget holds one request's.
 #[tokio::test]
 async fn image_memory_is_bounded_across_requests() {
-    let gif = data_url("gif_240x160.gif", "image/gif");
+    let gif = fixture_data_url("gif_240x160.gif", "image/gif");
     let s = Server::start(|a| a.max_image_memory = Some(4 << 20)).await;
     let with_image = |extra: Value| {
         let mut body = chat(extra);

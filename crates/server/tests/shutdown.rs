@@ -1,6 +1,8 @@
 //! SIGTERM: the server answers 503 to new requests, finishes the requests in flight, closes
 //! idle connections at once, and exits 0 as soon as nothing is in flight.
 
+mod common;
+
 use serde_json::json;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -100,12 +102,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     );
     assert!(child.try_wait().unwrap().is_none(), "still running");
 
-    let mut tokens_after_sigterm = 0;
-    while let Some(chunk) = response.chunk().await.unwrap() {
-        let chunk = String::from_utf8_lossy(&chunk).into_owned();
-        tokens_after_sigterm += chunk.matches("\"content\":").count();
-        text.push_str(&chunk);
-    }
+    let tokens_after_sigterm = common::read_rest(&mut response, &mut text).await;
     assert!(
         tokens_after_sigterm > 0,
         "the request was still in flight at SIGTERM"
