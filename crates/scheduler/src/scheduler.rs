@@ -304,6 +304,8 @@ impl<R: ModelRunner> Scheduler<R> {
         let mut encodes = 0;
         let mut plan = Vec::new();
         let mut preempted = false;
+        // Whether the blocks of waiting sequences were given back this step (at most once).
+        let mut released = false;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let want = self.running[i].remaining().min(budget);
@@ -320,6 +322,13 @@ impl<R: ModelRunner> Scheduler<R> {
                 if let Some(blocks) = self.pool.allocate(need) {
                     self.running[i].blocks.extend(blocks);
                     break;
+                }
+                // Blocks held by waiting sequences go before any running one's work.
+                if !released {
+                    released = true;
+                    if self.release_waiting_blocks() {
+                        continue;
+                    }
                 }
                 let victim = self.running.len() - 1;
                 let mut seq = self.running.pop().expect("index i is in range");
@@ -373,6 +382,14 @@ impl<R: ModelRunner> Scheduler<R> {
                 seq.blocks.clear();
                 seq.computed = 0;
                 seq.registered = 0;
+                // With nothing running, nothing will free a block: what keeps the first in
+                // line from starting is the blocks that those behind it hold.
+                if self.running.is_empty() && !released {
+                    released = true;
+                    if self.release_waiting_blocks() {
+                        continue;
+                    }
+                }
                 break;
             };
             let mut seq = self.waiting.pop_front().expect("checked above");
@@ -391,6 +408,22 @@ impl<R: ModelRunner> Scheduler<R> {
             budget -= n;
         }
         plan
+    }
+
+    /// Makes every waiting sequence give back the blocks it holds, as preemption does; true
+    /// if any held one. Completions of an `n` > 1 request wait holding their prompt's shared
+    /// blocks, and a sequence first in line may need more than the rest of the pool: without
+    /// this it would wait for them forever, and they for it. They find their blocks again in
+    /// the prefix cache when they start, or recompute them.
+    fn release_waiting_blocks(&mut self) -> bool {
+        let mut released = false;
+        for seq in self.waiting.iter_mut().filter(|s| !s.blocks.is_empty()) {
+            seq.blocks.clear();
+            seq.computed = 0;
+            seq.registered = 0;
+            released = true;
+        }
+        released
     }
 
     /// How many of `want` tokens the sequence can run given its images: images in the span

@@ -710,3 +710,59 @@ fn a_request_never_read_is_cancelled_at_the_output_bound() {
     assert_eq!(stats.aborted, 4, "every completion of it: {stats:?}");
     assert_eq!(s.free_blocks(), 256, "its blocks are back");
 }
+
+/// Requests with `n` > 1 beside long ones on pools barely larger than one context: the
+/// engine always makes progress. (Completions waiting to start hold their prompt's shared
+/// blocks; a request first in line that needs more than the rest of the pool must not wait
+/// for them forever.)
+#[test]
+fn forks_and_long_requests_on_a_tiny_pool_always_finish() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for round in 0..400 {
+        let block_size = 4;
+        let num_blocks = rng.random_range(24..48);
+        let max_len = num_blocks * block_size;
+        let mut config = EngineConfig::new(num_blocks, block_size, max_len);
+        config.enable_prefix_caching = round % 2 == 0;
+        config.max_num_batched_tokens = rng.random_range(16..128);
+        let mut s = Scheduler::new(FakeRunner::new(&config), config.clone(), decoder());
+        let mut streams = Vec::new();
+        for _ in 0..rng.random_range(2..8) {
+            let mut r = if rng.random_bool(0.5) {
+                let len = rng.random_range(8..max_len / 3);
+                let max_tokens = rng.random_range(1..20);
+                let mut r = request(&mut rng, len, &[], max_tokens);
+                r.n = rng.random_range(2..5);
+                r
+            } else {
+                // Nearly a whole context.
+                let len = rng.random_range(4..16);
+                let max_tokens = max_len - len - rng.random_range(0..4);
+                request(&mut rng, len, &[], max_tokens)
+            };
+            r.stop.eos_token_id = None;
+            let (tx, rx) = channel();
+            s.add(r, tx).unwrap();
+            streams.push(rx);
+        }
+        let mut steps = 0;
+        while s.has_work() {
+            s.step();
+            steps += 1;
+            assert!(
+                steps < 20_000,
+                "round {round}: no progress ({:?})",
+                s.stats()
+            );
+        }
+        for rx in &mut streams {
+            let mut ends = 0;
+            while let Some(event) = rx.try_next() {
+                assert!(!matches!(event, Event::Error { .. }), "{event:?}");
+                ends += matches!(event, Event::Finished { .. }) as usize;
+            }
+            assert!(ends >= 1, "round {round}: a request never finished");
+        }
+        assert_eq!(s.free_blocks(), num_blocks, "round {round}");
+    }
+}
