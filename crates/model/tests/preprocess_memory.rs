@@ -286,3 +286,35 @@ fn the_bound_for_the_default_limits() {
         800_000_000 + (96 << 20)
     );
 }
+
+/// `bytes` with the size in the key-frame header of its first `VP8 ` bitstream set to
+/// 16,383 × 16,383, the largest VP8 can say.
+fn with_huge_vp8_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let at = bytes
+        .windows(4)
+        .position(|w| w == b"VP8 ")
+        .expect("a lossy bitstream")
+        + 8;
+    assert_eq!(bytes[at + 3..at + 6], [0x9d, 0x01, 0x2a], "a key frame");
+    bytes[at + 6..at + 10].copy_from_slice(&[0xff, 0x3f, 0xff, 0x3f]);
+    bytes
+}
+
+/// A lossy bitstream declaring 16,383 × 16,383 pixels inside a small still image with alpha
+/// or a small animation frame: image-webp would allocate its planes (400 MB) before comparing
+/// the sizes; the size is compared first, whatever the limits.
+#[test]
+fn a_lossy_bitstream_larger_than_its_frame_is_refused_before_decoding() {
+    let config = config(4_000_000);
+    for name in ["webp_lossy_alpha_150x100.webp", "webp_animated_90x60.webp"] {
+        let (result, peak) = measured(&with_huge_vp8_header(fixture(name)), &config);
+        assert_within_bound(name, peak, &config);
+        match result {
+            Err(PreprocessError::Corrupt { format, reason }) => {
+                assert_eq!(format, ImageFormat::WebP, "{name}");
+                assert!(reason.contains("16383x16383"), "{name}: {reason}");
+            }
+            other => panic!("{name}: expected a refusal, got {other:?}"),
+        }
+    }
+}

@@ -21,6 +21,7 @@ pub(super) fn decode(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, Pre
     let (width, height) = decoder.dimensions();
     // Before the bitstream check, whose own allocation grows with the size.
     check.pixels(FORMAT, width.into(), height.into())?;
+    check_lossy_frame(bytes, width, height)?;
     if let Some(stream) = lossless_stream(bytes, width, height) {
         let limit = peak_bytes_bound(check.limits);
         vp8l_bound::check(stream.data, stream.header, stream.held, limit).map_err(refused)?;
@@ -33,6 +34,91 @@ pub(super) fn decode(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, Pre
             .map_err(|e| corrupt(FORMAT, e))?;
     }
     decode_with_image(FORMAT, decoder, check)
+}
+
+/// Refuses a lossy (`VP8 `) bitstream whose own header disagrees with the size the file
+/// declares for it: image-webp allocates its planes at the bitstream's size (up to
+/// 16,383 × 16,383, 400 MB) and only compares the sizes after decoding, so a 90 × 60 canvas
+/// could otherwise make it allocate hundreds of megabytes. Such a file is refused by
+/// image-webp anyway (inconsistent image sizes); this refuses it before the planes exist.
+/// Checked where image-webp 0.2.4 decodes a `VP8 ` chunk of an extended file: the first at
+/// the top level of a still image (sized as the canvas), or the first frame's (sized as the
+/// frame). A simple file's canvas is the bitstream's own size, already checked.
+fn check_lossy_frame(bytes: &[u8], width: u32, height: u32) -> Result<(), PreprocessError> {
+    let Some((first, vp8x_size)) = chunk_at(bytes, 12) else {
+        return Ok(());
+    };
+    if &first != b"VP8X" {
+        return Ok(());
+    }
+    let animated = bytes.get(20).is_some_and(|flags| flags & 0b10 != 0);
+    let Some(riff_size) = bytes.get(4..8) else {
+        return Ok(());
+    };
+    let riff_size = u64::from(u32::from_le_bytes(riff_size.try_into().expect("4 bytes")));
+    let mut position = 20 + rounded(vp8x_size);
+    let end = position + riff_size.saturating_sub(12);
+    while position < end {
+        let Some((fourcc, size)) = chunk_at(bytes, position) else {
+            break;
+        };
+        match &fourcc {
+            b"VP8 " if !animated => return vp8_size_is(bytes, position + 8, width, height),
+            b"ANMF" if animated => {
+                let start = position + 8;
+                let field = |at: u64| -> Option<u32> {
+                    let at = usize::try_from(start + at).ok()?;
+                    let b = bytes.get(at..at.checked_add(3)?)?;
+                    Some(u32::from(b[0]) | u32::from(b[1]) << 8 | u32::from(b[2]) << 16)
+                };
+                let (Some(frame_width), Some(frame_height)) = (field(6), field(9)) else {
+                    return Ok(());
+                };
+                // The frame's bitstream comes first, or after its alpha plane.
+                let mut sub = start + 16;
+                for _ in 0..2 {
+                    let Some((fourcc, size)) = chunk_at(bytes, sub) else {
+                        break;
+                    };
+                    if &fourcc == b"VP8 " {
+                        return vp8_size_is(bytes, sub + 8, frame_width + 1, frame_height + 1);
+                    }
+                    sub += 8 + rounded(size);
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        position += 8 + rounded(size);
+    }
+    Ok(())
+}
+
+/// Compares the size in the key-frame header of the `VP8 ` bitstream at `at` (a 3-byte frame
+/// tag, the start code, then 14-bit width and height) with the size expected of it.
+fn vp8_size_is(bytes: &[u8], at: u64, width: u32, height: u32) -> Result<(), PreprocessError> {
+    let Some(header) = usize::try_from(at)
+        .ok()
+        .and_then(|at| bytes.get(at..at.checked_add(10)?))
+    else {
+        return Ok(()); // Too short to decode: image-webp reports it.
+    };
+    let keyframe = header[0] & 1 == 0 && header[3..6] == [0x9d, 0x01, 0x2a];
+    if !keyframe {
+        return Ok(()); // Not decodable: image-webp reports it.
+    }
+    let side = |i: usize| u32::from(u16::from_le_bytes([header[i], header[i + 1]]) & 0x3fff);
+    let (stream_width, stream_height) = (side(6), side(8));
+    if (stream_width, stream_height) != (width, height) {
+        return Err(corrupt(
+            FORMAT,
+            format!(
+                "the lossy bitstream is {stream_width}x{stream_height} pixels, but the file \
+                 declares {width}x{height} for it"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn refused(refusal: Refusal) -> PreprocessError {
