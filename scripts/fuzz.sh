@@ -110,9 +110,12 @@ for target in "${targets[@]}"; do
     status=$?
     set -e
     millis=$(( ($(date +%s%N) - start) / 1000000 ))
-    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
-    # Fork mode reports its progress as "#N: cov: ...".
-    [ -n "$execs" ] || execs=$(sed -n 's/^#\([0-9]*\): cov.*/\1/p' "$log" | tail -n 1)
+    if $keep_going; then
+        # Fork mode counts all jobs in "#N: cov: ..."; its stat lines are the last job's.
+        execs=$(sed -n 's/^#\([0-9]*\): cov.*/\1/p' "$log" | tail -n 1)
+    else
+        execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+    fi
     seconds=$(awk "BEGIN { printf \"%.1f\", $millis / 1000 }")
     rate=$(awk "BEGIN { printf \"%.0f\", ${execs:-0} * 1000 / ($millis + 1) }")
     # Each new failing input, replayed: the bound assertions of the targets say "held N bytes
