@@ -6,8 +6,6 @@
 //! capped inside libjpeg-turbo itself (TurboJPEG's memory limit), so the JPEG cases here measure
 //! the Rust side only.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::path::Path;
 
 use internvl_model::preprocess::{
@@ -15,50 +13,9 @@ use internvl_model::preprocess::{
     PreprocessError,
 };
 
-/// Counts the bytes live on the current thread and the most that were live at once.
-struct CountingAllocator;
+mod counting;
 
-thread_local! {
-    static LIVE: Cell<usize> = const { Cell::new(0) };
-    static PEAK: Cell<usize> = const { Cell::new(0) };
-}
-
-fn grow(bytes: usize) {
-    let live = LIVE.with(|l| {
-        let live = l.get().saturating_add(bytes);
-        l.set(live);
-        live
-    });
-    PEAK.with(|p| p.set(p.get().max(live)));
-}
-
-fn shrink(bytes: usize) {
-    LIVE.with(|l| l.set(l.get().saturating_sub(bytes)));
-}
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        grow(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        grow(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        shrink(layout.size());
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // Counted as a move (both blocks live at once), which is what realloc may do.
-        grow(new_size);
-        shrink(layout.size());
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use counting::{peak_during, CountingAllocator};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
@@ -68,11 +25,7 @@ fn measured(
     bytes: &[u8],
     config: &PreprocessConfig,
 ) -> (Result<PixelValues, PreprocessError>, usize) {
-    let before = LIVE.with(Cell::get);
-    PEAK.with(|p| p.set(before));
-    let result = preprocess(bytes, config);
-    let peak = PEAK.with(Cell::get) - before;
-    (result, peak)
+    peak_during(|| preprocess(bytes, config))
 }
 
 fn config(max_pixels: u64) -> PreprocessConfig {

@@ -3,8 +3,6 @@
 //! reads the bitstream up to the groups first and refuses an image whose groups would pass
 //! `peak_bytes_bound`; held to it here with a counting allocator, on files written bit by bit.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::path::Path;
 
 use image::ImageDecoder;
@@ -13,62 +11,12 @@ use internvl_model::preprocess::{
     PreprocessConfig, PreprocessError,
 };
 
-/// Counts the bytes live on the current thread and the most that were live at once.
-struct CountingAllocator;
+mod counting;
 
-thread_local! {
-    static LIVE: Cell<usize> = const { Cell::new(0) };
-    static PEAK: Cell<usize> = const { Cell::new(0) };
-}
-
-fn grow(bytes: usize) {
-    let live = LIVE.with(|l| {
-        let live = l.get().saturating_add(bytes);
-        l.set(live);
-        live
-    });
-    PEAK.with(|p| p.set(p.get().max(live)));
-}
-
-fn shrink(bytes: usize) {
-    LIVE.with(|l| l.set(l.get().saturating_sub(bytes)));
-}
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        grow(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        grow(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        shrink(layout.size());
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // Counted as a move (both blocks live at once), which is what realloc may do.
-        grow(new_size);
-        shrink(layout.size());
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use counting::{peak_during, CountingAllocator};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-/// Runs `f` and returns its result with the most bytes it had allocated at once.
-fn measured<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let before = LIVE.with(Cell::get);
-    PEAK.with(|p| p.set(before));
-    let result = f();
-    let peak = PEAK.with(Cell::get) - before;
-    (result, peak)
-}
 
 fn config(max_pixels: u64) -> PreprocessConfig {
     PreprocessConfig {
@@ -317,7 +265,7 @@ fn riff(fourcc: &[u8; 4], data: &[u8]) -> Vec<u8> {
 
 /// What image-webp alone (no check before it) allocates at most to decode `bytes`.
 fn image_webp_peak(bytes: &[u8]) -> (Result<Vec<u8>, image::ImageError>, usize) {
-    measured(|| {
+    peak_during(|| {
         let decoder = image::codecs::webp::WebPDecoder::new(std::io::Cursor::new(bytes))?;
         let mut buf = vec![0; decoder.total_bytes() as usize];
         decoder.read_image(&mut buf)?;
@@ -373,7 +321,7 @@ fn sixty_five_thousand_groups_are_refused_within_the_bound() {
     let bytes = bomb(65_536);
     for config in [PreprocessConfig::default(), config(1 << 20)] {
         let bound = peak_bytes_bound(&config.limits);
-        let (result, peak) = measured(|| preprocess(&bytes, &config));
+        let (result, peak) = peak_during(|| preprocess(&bytes, &config));
         eprintln!(
             "max_pixels {}: peak {peak}, bound {bound}",
             config.limits.max_pixels
@@ -403,7 +351,7 @@ fn the_most_groups_accepted_stay_within_the_bound() {
             high = mid;
         }
     }
-    let (result, peak) = measured(|| preprocess(&bomb(low), &config));
+    let (result, peak) = peak_during(|| preprocess(&bomb(low), &config));
     let pixels = result.unwrap();
     assert_eq!((pixels.width, pixels.height), (448, 448));
     let (_, alone) = image_webp_peak(&bomb(low));
@@ -411,7 +359,7 @@ fn the_most_groups_accepted_stay_within_the_bound() {
     assert!(peak as u64 <= bound, "peak {peak} > bound {bound}");
     // Not wildly pessimistic: image-webp's own peak is most of the bound.
     assert!(alone as u64 > bound / 2, "{alone} of {bound}");
-    let (result, peak) = measured(|| preprocess(&bomb(high), &config));
+    let (result, peak) = peak_during(|| preprocess(&bomb(high), &config));
     expect_refused(result, high as usize);
     assert!(peak < 8 << 20, "allocated {peak} bytes before refusing");
 }
@@ -450,7 +398,7 @@ fn a_bomb_in_an_animation_frame_is_refused() {
     file.extend(&body);
 
     let config = PreprocessConfig::default();
-    let (result, peak) = measured(|| preprocess(&file, &config));
+    let (result, peak) = peak_during(|| preprocess(&file, &config));
     expect_refused(result, 65_536);
     assert!(peak < 8 << 20, "allocated {peak} bytes before refusing");
 }
@@ -537,7 +485,7 @@ fn a_bomb_in_an_alpha_plane_is_refused() {
 
     let config = PreprocessConfig::default();
     let file = with_alpha(65_536);
-    let (result, peak) = measured(|| preprocess(&file, &config));
+    let (result, peak) = peak_during(|| preprocess(&file, &config));
     expect_refused(result, 65_536);
     assert!(peak < 8 << 20, "allocated {peak} bytes before refusing");
 
@@ -582,7 +530,7 @@ fn damaged_lossless_files_stay_within_the_bound() {
             cases.push(bytes);
         }
         for bytes in cases {
-            let (result, peak) = measured(|| preprocess(&bytes, &config));
+            let (result, peak) = peak_during(|| preprocess(&bytes, &config));
             if let Err(e) = &result {
                 assert!(matches!(e, PreprocessError::Corrupt { .. }), "{e}");
             }
