@@ -875,25 +875,25 @@ mod tests {
     }
 
     /// `promtool check metrics` must parse the output; its only lint may be the colons our
-    /// vLLM-compatible names carry on purpose. Skipped, with a note, where promtool is absent.
+    /// vLLM-compatible names carry on purpose. promtool must be on PATH: the test fails without
+    /// it (`scripts/install-deps.sh` installs it, as CI does before the tests).
     #[test]
     fn promtool_accepts_the_output() {
         use std::io::Write;
         use std::process::{Command, Stdio};
 
-        let child = Command::new("promtool")
+        let mut child = Command::new("promtool")
             .args(["check", "metrics"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(child) => child,
-            Err(e) => {
-                eprintln!("skipped: promtool not available ({e}); apt-get install prometheus");
-                return;
-            }
-        };
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "promtool is needed on PATH ({e}): run `bash scripts/install-deps.sh` \
+                     (installs Debian's prometheus package) or `apt-get install prometheus`"
+                )
+            });
         child
             .stdin
             .take()
