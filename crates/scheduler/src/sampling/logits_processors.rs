@@ -1,17 +1,105 @@
-//! What reshapes one request's logits before a token is drawn: repetition, presence and
-//! frequency penalties, logit bias, and banned tokens.
+//! What reshapes one request's logits before a token is drawn: an ordered list of
+//! processors (the penalties, then the logit bias), then the step's banned tokens.
+//!
+//! Each processor is one variant of [`LogitsProcessor`], kept up to date with the request's
+//! tokens and applied in list order, so a new way of steering the logits (a grammar's mask of
+//! allowed tokens) is one more variant. A request with no processor and no ban samples from
+//! the model's logits as they are, without a copy.
 //!
 //! The penalties need how often each token occurred. Recounting the whole prompt and output at
 //! every step would cost O(sequence length) per step for every running request, so the counts
 //! are kept here and only the tokens appended since the previous step are counted; applying the
 //! penalties then touches only the distinct tokens seen, never the whole vocabulary.
 
-use crate::sampling::SamplingError;
+use std::borrow::Cow;
+
+use super::params::{SamplingError, SamplingParams};
+
+/// A request's logits processors, in the order they apply.
+#[derive(Debug, Clone)]
+pub(crate) struct LogitsProcessors {
+    list: Vec<LogitsProcessor>,
+}
+
+impl LogitsProcessors {
+    /// The processors `params` ask for (validated settings): none for a plain request.
+    pub(crate) fn new(params: &SamplingParams, vocab_size: usize) -> Self {
+        let mut list = Vec::new();
+        if let Some(penalties) = Penalties::new(
+            params.presence_penalty,
+            params.frequency_penalty,
+            params.repetition_penalty,
+            vocab_size,
+        ) {
+            list.push(LogitsProcessor::Penalties(penalties));
+        }
+        // By id: applied in a fixed order, without hashing.
+        let mut bias: Vec<(u32, f32)> = params.logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
+        bias.sort_by_key(|&(token, _)| token);
+        if !bias.is_empty() {
+            list.push(LogitsProcessor::LogitBias(bias));
+        }
+        Self { list }
+    }
+
+    /// `logits` as the processors and then `banned` leave them. `prompt` and `generated` are
+    /// the request's tokens so far (see [`Penalties::update`]); every processor is brought up
+    /// to date before any applies, so an error leaves the logits untouched.
+    pub(crate) fn process<'a>(
+        &mut self,
+        logits: &'a [f32],
+        prompt: &[u32],
+        generated: &[u32],
+        banned: &[u32],
+    ) -> Result<Cow<'a, [f32]>, SamplingError> {
+        for processor in &mut self.list {
+            processor.update(prompt, generated)?;
+        }
+        if self.list.is_empty() && banned.is_empty() {
+            return Ok(Cow::Borrowed(logits));
+        }
+        let mut owned = logits.to_vec();
+        for processor in &self.list {
+            processor.apply(&mut owned);
+        }
+        ban(&mut owned, banned)?;
+        Ok(Cow::Owned(owned))
+    }
+}
+
+/// One way a request steers its logits.
+#[derive(Debug, Clone)]
+enum LogitsProcessor {
+    Penalties(Penalties),
+    /// `(token, bias)` pairs by id, added to those tokens' logits. The ids were checked
+    /// against the vocabulary when the sampler was built.
+    LogitBias(Vec<(u32, f32)>),
+}
+
+impl LogitsProcessor {
+    fn update(&mut self, prompt: &[u32], generated: &[u32]) -> Result<(), SamplingError> {
+        match self {
+            Self::Penalties(penalties) => penalties.update(prompt, generated),
+            Self::LogitBias(_) => Ok(()),
+        }
+    }
+
+    fn apply(&self, logits: &mut [f32]) {
+        match self {
+            Self::Penalties(penalties) => penalties.apply(logits),
+            Self::LogitBias(bias) => {
+                for &(id, b) in bias {
+                    logits[id as usize] += b;
+                }
+            }
+        }
+    }
+}
 
 /// OpenAI's presence and frequency penalties and HF/vLLM's repetition penalty, with the
 /// occurrence counts they need.
 #[derive(Debug, Clone)]
-pub(crate) struct Penalties {
+struct Penalties {
     presence: f32,
     frequency: f32,
     repetition: f32,
@@ -30,12 +118,7 @@ pub(crate) struct Penalties {
 
 impl Penalties {
     /// `None` when every penalty is neutral, so that plain requests pay nothing.
-    pub(crate) fn new(
-        presence: f32,
-        frequency: f32,
-        repetition: f32,
-        vocab_size: usize,
-    ) -> Option<Self> {
+    fn new(presence: f32, frequency: f32, repetition: f32, vocab_size: usize) -> Option<Self> {
         if presence == 0.0 && frequency == 0.0 && repetition == 1.0 {
             return None;
         }
@@ -58,11 +141,7 @@ impl Penalties {
     /// Sequences only grow by appending during a request, so only the new tail is counted. A
     /// prompt of another length, or an output that got shorter, is recounted from scratch. Ids
     /// are checked before anything is counted, so an error leaves the counts as they were.
-    pub(crate) fn update(
-        &mut self,
-        prompt: &[u32],
-        generated: &[u32],
-    ) -> Result<(), SamplingError> {
+    fn update(&mut self, prompt: &[u32], generated: &[u32]) -> Result<(), SamplingError> {
         let vocab_size = self.counts.len();
         if self.repetition != 1.0 && prompt.len() != self.counted_prompt {
             check_range(prompt, vocab_size)?;
@@ -102,7 +181,7 @@ impl Penalties {
     /// Applies the penalties: repetition first (as vLLM does), over every token of the prompt
     /// and the output, dividing a positive logit and multiplying a negative one so both become
     /// less likely; then `presence + frequency * count` subtracted for each generated token.
-    pub(crate) fn apply(&self, logits: &mut [f32]) {
+    fn apply(&self, logits: &mut [f32]) {
         if self.repetition != 1.0 {
             let output_only = self
                 .generated_ids
@@ -126,14 +205,6 @@ impl Penalties {
     }
 }
 
-/// Adds each `(token, bias)` to that token's logit. The ids were checked against the
-/// vocabulary when the sampler was built.
-pub(crate) fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
-    for &(id, b) in bias {
-        logits[id as usize] += b;
-    }
-}
-
 /// The first id of `ids` outside the vocabulary, as an error.
 fn check_range(ids: &[u32], vocab_size: usize) -> Result<(), SamplingError> {
     match ids.iter().find(|&&id| id as usize >= vocab_size) {
@@ -143,7 +214,7 @@ fn check_range(ids: &[u32], vocab_size: usize) -> Result<(), SamplingError> {
 }
 
 /// Makes tokens impossible (vLLM's min_tokens masking of EOS and the stop token ids).
-pub(crate) fn ban(logits: &mut [f32], banned: &[u32]) -> Result<(), SamplingError> {
+fn ban(logits: &mut [f32], banned: &[u32]) -> Result<(), SamplingError> {
     check_range(banned, logits.len())?;
     for &id in banned {
         logits[id as usize] = f32::NEG_INFINITY;
