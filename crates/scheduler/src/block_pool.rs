@@ -17,8 +17,6 @@ pub use crate::prefix_hash::BlockHash;
 #[derive(Clone)]
 pub struct BlockPool {
     inner: Arc<Mutex<PoolState>>,
-    block_size: usize,
-    num_blocks: usize,
 }
 
 struct PoolState {
@@ -54,21 +52,11 @@ impl BlockPool {
         }
         Self {
             inner: Arc::new(Mutex::new(state)),
-            block_size,
-            num_blocks,
         }
     }
 
     fn state(&self) -> MutexGuard<'_, PoolState> {
         lock(&self.inner)
-    }
-
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    pub fn num_blocks(&self) -> usize {
-        self.num_blocks
     }
 
     /// Blocks no sequence owns (cached prefixes included: they can be evicted).
@@ -120,13 +108,6 @@ impl BlockPool {
         let mut state = self.state();
         state.hash_of[block.id as usize] = Some(hash);
         state.cached.entry(hash).or_insert(block.id);
-    }
-
-    /// Forgets every cached prefix (their blocks stay free).
-    pub fn clear_cache(&self) {
-        let mut state = self.state();
-        state.cached.clear();
-        state.hash_of.iter_mut().for_each(|h| *h = None);
     }
 }
 

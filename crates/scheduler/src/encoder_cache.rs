@@ -76,10 +76,6 @@ impl<E> EncoderCache<E> {
             },
         );
     }
-
-    pub fn used_bytes(&self) -> usize {
-        self.used
-    }
 }
 
 #[cfg(test)]
@@ -99,7 +95,7 @@ mod tests {
         cache.insert(key(3), Arc::new("c"), 4); // evicts 2, used less recently than 1
         assert!(cache.get(key(2)).is_none());
         assert!(cache.get(key(1)).is_some() && cache.get(key(3)).is_some());
-        assert_eq!(cache.used_bytes(), 8);
+        assert_eq!(cache.used, 8);
         cache.insert(key(4), Arc::new("too big"), 11);
         assert!(cache.get(key(4)).is_none());
         assert_eq!((cache.queries, cache.hits), (5, 3));

@@ -5,19 +5,19 @@ use crate::detokenizer::TokenDecoder;
 use crate::output::{channel as event_channel, EventSender, RequestStream};
 use crate::request::Request;
 use crate::runner::ModelRunner;
-use crate::scheduler::{validate, Scheduler, SubmitError};
+use crate::scheduler::Scheduler;
 use crate::stats::EngineStats;
+use crate::validation::{validate, SubmitError};
 use std::sync::mpsc::{channel, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-enum Command<P> {
-    Add(Request<P>, EventSender),
-}
+/// A request on its way to the step thread, with where its events go.
+type Submission<P> = (Request<P>, EventSender);
 
 /// A running engine. Dropping it lets the step thread finish the requests it has, then stop.
 pub struct Engine<P> {
-    commands: Option<Sender<Command<P>>>,
+    submissions: Option<Sender<Submission<P>>>,
     config: EngineConfig,
     /// The runner's logits width, for validating requests at submission.
     vocab_size: usize,
@@ -34,7 +34,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
     ) -> Result<Self, String> {
         config.validate()?;
         let vocab_size = runner.vocab_size();
-        let (tx, rx) = channel::<Command<P>>();
+        let (tx, rx) = channel::<Submission<P>>();
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let shared = stats.clone();
         let thread_config = config.clone();
@@ -46,9 +46,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
                 loop {
                     while open {
                         match rx.try_recv() {
-                            Ok(Command::Add(request, events)) => {
-                                add(&mut scheduler, request, events)
-                            }
+                            Ok((request, events)) => add(&mut scheduler, request, events),
                             Err(TryRecvError::Empty) => break,
                             Err(TryRecvError::Disconnected) => open = false,
                         }
@@ -58,9 +56,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
                             break;
                         }
                         match rx.recv() {
-                            Ok(Command::Add(request, events)) => {
-                                add(&mut scheduler, request, events)
-                            }
+                            Ok((request, events)) => add(&mut scheduler, request, events),
                             Err(_) => open = false,
                         }
                         continue;
@@ -73,7 +69,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
             })
             .map_err(|e| format!("cannot start the engine thread: {e}"))?;
         Ok(Self {
-            commands: Some(tx),
+            submissions: Some(tx),
             config,
             vocab_size,
             stats,
@@ -83,18 +79,20 @@ impl<P: Send + Sync + 'static> Engine<P> {
 
     /// Queues a request, or refuses it at once if it could never complete.
     pub fn submit(&self, request: Request<P>) -> Result<RequestStream, SubmitError> {
-        validate(&self.config, self.vocab_size, &request)?;
+        self.validate(&request)?;
         let (tx, stream) = event_channel();
-        self.commands
+        self.submissions
             .as_ref()
             .ok_or(SubmitError::Stopped)?
-            .send(Command::Add(request, tx))
+            .send((request, tx))
             .map_err(|_| SubmitError::Stopped)?;
         Ok(stream)
     }
 
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
+    /// Whether this engine would take `request` ([`validate`] with its settings and model):
+    /// for callers that check a request before the costly part of building it.
+    pub fn validate(&self, request: &Request<P>) -> Result<(), SubmitError> {
+        validate(&self.config, self.vocab_size, request)
     }
 
     /// The engine's counters as of its last step.
@@ -115,7 +113,7 @@ fn add<R: ModelRunner>(
 
 impl<P> Drop for Engine<P> {
     fn drop(&mut self) {
-        self.commands.take();
+        self.submissions.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -3,14 +3,18 @@
 //!
 //! Model-agnostic: it drives the model through [`ModelRunner`].
 
-pub mod block_pool;
+mod block_pool;
 pub mod config;
 pub mod content_hash;
 pub mod detokenizer;
-pub mod encoder_cache;
+mod encoder_cache;
 pub mod engine;
+mod image_encoding;
+mod kv_cache_manager;
 pub mod output;
-pub mod prefix_hash;
+mod output_processor;
+mod policy;
+mod prefix_hash;
 pub mod request;
 pub mod runner;
 pub mod sampling;
@@ -18,15 +22,17 @@ pub mod scheduler;
 mod sequence;
 pub mod stats;
 pub mod stop;
+mod validation;
 
 pub use config::EngineConfig;
 pub use content_hash::ContentHash;
 pub use detokenizer::{Detokenizer, TokenDecoder};
 pub use engine::Engine;
 pub use output::{EventSender, RequestStream};
-pub use request::{Event, ImageInput, Request, RequestId, RequestTimings, Usage};
+pub use request::{Event, ImageInput, Request, RequestTimings, Usage};
 pub use runner::{ForwardSeq, ModelRunner, RunnerError};
 pub use sampling::{Sampled, Sampler, SamplingError, SamplingParams, MAX_TOP_LOGPROBS};
-pub use scheduler::{validate, Scheduler, SubmitError};
+pub use scheduler::Scheduler;
 pub use stats::EngineStats;
 pub use stop::{FinishReason, StopChecker, StopError, StopParams, StopReason, StopStep};
+pub use validation::{validate, SubmitError};

@@ -6,9 +6,6 @@ use crate::stop::{FinishReason, StopParams, StopReason};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Identifies a request inside the engine.
-pub type RequestId = u64;
-
 /// An image of a prompt: where its placeholder tokens are, and its input to the encoder.
 pub struct ImageInput<P> {
     /// Index in the prompt of the image's first placeholder token.

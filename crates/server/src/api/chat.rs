@@ -68,8 +68,7 @@ pub async fn chat_completions(
         skip_special_tokens: true,
         n: plan.n,
     };
-    internvl_scheduler::validate(ready.engine.config(), vocab_size, &request)
-        .map_err(submit_error)?;
+    ready.engine.validate(&request).map_err(submit_error)?;
     let (images, mut reservation) = load_images(&state, ready, &plan.image_urls).await?;
     let num_images = images.len();
     let tokens_per_image = ready.loaded.model.config().num_image_tokens();
