@@ -2,8 +2,9 @@
 # End-to-end test: the official OpenAI Python SDK and a real Prometheus against `internvl serve`.
 #
 # 1. Installs what it needs when missing: a venv under target/e2e-venv (git-ignored) with the
-#    pinned packages of tests/e2e/requirements.txt, and Debian's `prometheus` package (for the
-#    `prometheus` and `promtool` binaries; the package's own service is kept from starting).
+#    pinned packages of tests/e2e/requirements.txt, and (by scripts/install-deps.sh, which
+#    scripts/test.sh runs first) Debian's `prometheus` package for the `prometheus` and
+#    `promtool` binaries; the package's own service is kept from starting.
 # 2. Starts the debug server (building it if absent) on a free loopback port, with an API key,
 #    and our own Prometheus on another free loopback port with tests/e2e/prometheus.yml (1s
 #    scrapes) and a temporary storage directory; waits for /health and for a first scrape.
@@ -56,26 +57,10 @@ fi
 PY="$VENV/bin/python"
 "$PY" -c 'import openai, pytest; print("e2e: openai", openai.__version__, "pytest", pytest.__version__)'
 
-# --- Prometheus: Debian's package, without its service ------------------------------------------
+# --- Prometheus: Debian's package, without its service (scripts/install-deps.sh) -----------------
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
-    log "installing Debian's prometheus package"
-    # policy-rc.d exit 101 keeps invoke-rc.d from starting the packaged service (the service, if
-    # any init system did start it, would listen on :9090, which we never use anyway).
-    policy=/usr/sbin/policy-rc.d
-    made_policy=0
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
-        $sudo chmod 755 "$policy"
-        made_policy=1
-    fi
-    rc=0
-    timeout 600 $sudo "${APT[@]}" update -qq || rc=$?
-    if [ "$rc" -eq 0 ]; then
-        timeout 900 $sudo env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install -y -qq \
-            --no-install-recommends prometheus >/dev/null || rc=$?
-    fi
-    if [ "$made_policy" -eq 1 ]; then $sudo rm -f "$policy"; fi
-    [ "$rc" -eq 0 ] || die "apt-get install prometheus failed ($rc)"
+    log "installing Debian's prometheus package (scripts/install-deps.sh)"
+    bash "$ROOT/scripts/install-deps.sh" >&2 || die "scripts/install-deps.sh failed"
 fi
 prometheus --version 2>&1 | head -1 | sed 's/^/e2e: /'
 
