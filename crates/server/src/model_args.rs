@@ -42,6 +42,7 @@ impl ModelArgs {
             self.random_weights.as_deref(),
             device,
             dtype,
+            internvl_model::AttentionChoice::Auto,
             None,
         )
     }

@@ -64,6 +64,7 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
         settings.random_weights.as_deref(),
         &device,
         dtype,
+        internvl_model::AttentionChoice::Auto,
         Some(load_progress()),
     )?;
     if std::io::stderr().is_terminal() {

@@ -18,6 +18,10 @@ use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::sync::Arc;
 
+fn cpu_backends() -> internvl_model::Backends {
+    internvl_model::Backends::resolve(&Device::Cpu, None, Default::default()).unwrap()
+}
+
 const BLOCK_SIZE: usize = 16;
 const MAX_TOKENS: usize = 24;
 
@@ -32,7 +36,7 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let loaded =
-        LoadedModel::load(&root().join("models/demo-internvl"), &Device::Cpu, None).unwrap();
+        LoadedModel::load(&root().join("models/demo-internvl"), &cpu_backends()).unwrap();
     let images = [
         "model-a.png",
         "model-b.png",

@@ -295,7 +295,9 @@ where
     R: ModelRunner<Pixels = <CandleRunner as ModelRunner>::Pixels, ImageEmbeds = Embeds>,
 {
     let state = demo_state();
-    let loaded = LoadedModel::load(&demo_model(), &candle_core::Device::Cpu, None).unwrap();
+    let cpu = &candle_core::Device::Cpu;
+    let backends = internvl_model::Backends::resolve(cpu, None, Default::default()).unwrap();
+    let loaded = LoadedModel::load(&demo_model(), &backends).unwrap();
     let block_size = 16;
     let inner = CandleRunner::new(loaded.model.clone(), blocks, block_size).unwrap();
     let runner = runner(&loaded, inner);
