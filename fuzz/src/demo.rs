@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use internvl_model::tokenizer::Tokenizer;
-use internvl_model::LoadedModel;
+use internvl_model::{AttentionChoice, Backends, LoadedModel};
 
 /// The checkpoint directory, found from this crate's location so targets run from anywhere.
 pub fn demo_dir() -> PathBuf {
@@ -17,8 +17,9 @@ pub fn demo_dir() -> PathBuf {
 pub fn model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| {
-        LoadedModel::load(&demo_dir(), &candle_core::Device::Cpu, None)
-            .expect("the demo checkpoint loads")
+        let cpu = &candle_core::Device::Cpu;
+        let backends = Backends::resolve(cpu, None, AttentionChoice::Auto).expect("f32 on the CPU");
+        LoadedModel::load(&demo_dir(), &backends).expect("the demo checkpoint loads")
     })
 }
 

@@ -2,7 +2,8 @@
 //! vision encoder's MLP and projector, the softmax of the matmul attention (long prefills) and
 //! LLaMA's silu(gate) · up. candle's CPU versions call libm's scalar `erff` / `expf` per element
 //! (GELU alone was 9 % of the vision encoder's time), and silu · up took two extra passes.
-//! Other devices and dtypes keep candle's ops.
+//! [`Elementwise`], chosen with the model's backends, says which ops take these bodies; other
+//! devices and dtypes keep candle's ops.
 
 use crate::cpu_math;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -11,33 +12,55 @@ use rayon::prelude::*;
 /// Elements per parallel task: large enough to amortise a task, small enough to spread.
 const CHUNK: usize = 1 << 14;
 
-/// `x · Φ(x)`, elementwise.
-pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-        xs.contiguous()?.apply_op1_no_bwd(&GeluErf)
-    } else {
-        xs.gelu_erf()
-    }
+/// Which bodies the elementwise ops run, fixed when the model is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elementwise {
+    /// candle's ops: every device but the CPU.
+    Candle,
+    /// The CPU computing in another dtype than f32: the activations stay candle's, while the
+    /// softmax of the matmul attention, whose scores are always f32, is vectorised.
+    CpuSoftmax,
+    /// The CPU in f32: every op vectorised.
+    CpuF32,
 }
 
-/// Softmax over the last dimension.
-pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-        xs.contiguous()?.apply_op1_no_bwd(&SoftmaxLastDim)
-    } else {
-        candle_nn::ops::softmax_last_dim(xs)
+impl Elementwise {
+    pub fn new(cpu: bool, dtype: DType) -> Self {
+        match (cpu, dtype) {
+            (false, _) => Self::Candle,
+            (true, DType::F32) => Self::CpuF32,
+            (true, _) => Self::CpuSoftmax,
+        }
     }
-}
 
-/// `gate_up` [rows, 2 · width] (gate and up projections side by side) → silu(gate) · up
-/// [rows, width].
-pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
-    if gate_up.device().is_cpu() && gate_up.dtype() == DType::F32 {
-        return gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul);
+    /// `x · Φ(x)`, elementwise.
+    pub fn gelu_erf(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::CpuF32 => xs.contiguous()?.apply_op1_no_bwd(&GeluErf),
+            Self::Candle | Self::CpuSoftmax => xs.gelu_erf(),
+        }
     }
-    let width = gate_up.dim(1)? / 2;
-    let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, width)?)?;
-    gate * gate_up.narrow(1, width, width)?
+
+    /// Softmax over the last dimension of f32 `xs` (attention scores).
+    pub fn softmax_last_dim(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::CpuF32 | Self::CpuSoftmax => xs.contiguous()?.apply_op1_no_bwd(&SoftmaxLastDim),
+            Self::Candle => candle_nn::ops::softmax_last_dim(xs),
+        }
+    }
+
+    /// `gate_up` [rows, 2 · width] (gate and up projections side by side) → silu(gate) · up
+    /// [rows, width].
+    pub fn silu_mul(self, gate_up: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::CpuF32 => gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul),
+            Self::Candle | Self::CpuSoftmax => {
+                let width = gate_up.dim(1)? / 2;
+                let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, width)?)?;
+                gate * gate_up.narrow(1, width, width)?
+            }
+        }
+    }
 }
 
 struct SiluMul;
@@ -115,7 +138,10 @@ mod tests {
     fn matches_candles_gelu() {
         let x = Tensor::randn(0f32, 3.0, (64, 300), &Device::Cpu).unwrap();
         let x = x.t().unwrap();
-        let diff = max_difference(&gelu_erf(&x).unwrap(), &x.gelu_erf().unwrap());
+        let diff = max_difference(
+            &Elementwise::CpuF32.gelu_erf(&x).unwrap(),
+            &x.gelu_erf().unwrap(),
+        );
         assert!(diff < 5e-6, "max difference {diff}");
     }
 
@@ -124,7 +150,7 @@ mod tests {
     fn matches_candles_silu_mul() {
         let gate_up = Tensor::randn(0f32, 3.0, (10, 6), &Device::Cpu).unwrap();
         let gate_up = gate_up.t().unwrap();
-        let ours = silu_mul(&gate_up).unwrap();
+        let ours = Elementwise::CpuF32.silu_mul(&gate_up).unwrap();
         assert_eq!(ours.dims(), &[6, 5]);
         let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, 5).unwrap()).unwrap();
         let expected = (gate * gate_up.narrow(1, 5, 5).unwrap()).unwrap();
@@ -144,7 +170,7 @@ mod tests {
                 .collect();
             let mask = Tensor::from_vec(mask, (rows, width), &Device::Cpu).unwrap();
             let x = x.broadcast_add(&mask).unwrap();
-            let ours = softmax_last_dim(&x).unwrap();
+            let ours = Elementwise::CpuF32.softmax_last_dim(&x).unwrap();
             let diff = max_difference(&ours, &candle_nn::ops::softmax_last_dim(&x).unwrap());
             assert!(diff < 1e-6, "max difference {diff}");
         }

@@ -28,31 +28,15 @@ const FLASH_MAX_HEAD_DIM: usize = 128;
 /// without opting in.
 const PAGED_MAX_CONTEXT: usize = (42 * 1024) / 4;
 
-/// Whether the model uses these kernels on CUDA: yes unless `INTERNVL_ATTENTION=matmul`, which
-/// falls back to candle's gather + matmul attention — an escape hatch should a kernel misbehave
-/// on some GPU, and the end-to-end baseline the kernels are measured against.
-pub fn kernels_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| match std::env::var("INTERNVL_ATTENTION").as_deref() {
-        Ok("matmul") => {
-            tracing::warn!("INTERNVL_ATTENTION=matmul: the CUDA attention kernels are off");
-            false
-        }
-        Ok("kernels") | Err(_) => true,
-        Ok(other) => {
-            tracing::warn!(
-                "INTERNVL_ATTENTION={other:?} is neither `kernels` nor `matmul`: kernels on"
-            );
-            true
-        }
-    })
+/// Whether the paged kernel handles this dtype and head size (otherwise: gather + matmul).
+pub fn paged_supported(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16) && head_dim <= PAGED_MAX_HEAD_DIM
 }
 
-/// Whether the paged kernel handles this shape (otherwise: gather + matmul).
-pub fn paged_supported(dtype: DType, head_dim: usize, max_context: usize) -> bool {
-    matches!(dtype, DType::F32 | DType::BF16)
-        && head_dim <= PAGED_MAX_HEAD_DIM
-        && max_context <= PAGED_MAX_CONTEXT
+/// Whether the paged kernel's shared memory holds a batch whose longest context is
+/// `max_context` (otherwise: gather + matmul or flash, for that batch).
+pub fn paged_context_fits(max_context: usize) -> bool {
+    max_context <= PAGED_MAX_CONTEXT
 }
 
 /// Whether the flash kernel handles this shape (it is bf16-only: tensor cores).
@@ -138,7 +122,7 @@ pub fn paged_attention_into(
             bail!("paged attention: inputs must be contiguous and of one dtype");
         }
     }
-    if !paged_supported(q.dtype(), head_dim, plan.max_context) {
+    if !paged_supported(q.dtype(), head_dim) || !paged_context_fits(plan.max_context) {
         bail!(
             "paged attention: {:?} with head_dim {head_dim} and context {} is not supported",
             q.dtype(),

@@ -22,16 +22,17 @@ thread_local! {
 
 /// softmax(q·kᵀ · scale)·v per head. `q`, `k`, `v`: [batch, tokens, heads · head_dim], rows
 /// may be strided (views into a fused qkv projection), channels contiguous. Returns
-/// [batch, tokens, heads · head_dim], or `None` where this path does not apply (not CPU f32).
+/// [batch, tokens, heads · head_dim]. CPU f32 only: the backends send other devices and
+/// dtypes to candle's matmuls.
 pub fn dense_attention_cpu(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     scale: f32,
-) -> Result<Option<Tensor>> {
+) -> Result<Tensor> {
     if !matches!(q.device(), Device::Cpu) || [q, k, v].iter().any(|t| t.dtype() != DType::F32) {
-        return Ok(None);
+        candle_core::bail!("dense attention: CPU f32 only");
     }
     let (batch, tokens, width) = q.dims3()?;
     if k.dims3()? != (batch, tokens, width) || v.dims3()? != (batch, tokens, width) {
@@ -63,7 +64,7 @@ pub fn dense_attention_cpu(
                 .enumerate()
                 .for_each(|(block, out)| shape.block(inputs, block * BLOCK, out));
         });
-    Tensor::from_vec(out, (batch, tokens, width), &Device::Cpu).map(Some)
+    Tensor::from_vec(out, (batch, tokens, width), &Device::Cpu)
 }
 
 /// A [batch, tokens, width] f32 view: where its data starts and its batch and row strides.
@@ -226,9 +227,7 @@ mod tests {
         let k = qkv.narrow(D::Minus1, c, c).unwrap();
         let v = qkv.narrow(D::Minus1, 2 * c, c).unwrap();
         let scale = (hd as f64).powf(-0.5);
-        let ours = dense_attention_cpu(&q, &k, &v, heads, scale as f32)
-            .unwrap()
-            .unwrap();
+        let ours = dense_attention_cpu(&q, &k, &v, heads, scale as f32).unwrap();
         let expected = reference(&q, &k, &v, heads, scale);
         let diff = max_difference(&ours, &expected);
         assert!(diff < 2e-5, "max difference {diff}");
@@ -240,13 +239,9 @@ mod tests {
         let dev = Device::Cpu;
         let (n, c, heads) = (70, 32, 2);
         let x = Tensor::randn(0f32, 1.0, (4, n, c), &dev).unwrap();
-        let batch = dense_attention_cpu(&x, &x, &x, heads, 0.3)
-            .unwrap()
-            .unwrap();
+        let batch = dense_attention_cpu(&x, &x, &x, heads, 0.3).unwrap();
         let single = x.narrow(0, 2, 1).unwrap();
-        let alone = dense_attention_cpu(&single, &single, &single, heads, 0.3)
-            .unwrap()
-            .unwrap();
+        let alone = dense_attention_cpu(&single, &single, &single, heads, 0.3).unwrap();
         let from_batch: Vec<f32> = batch
             .get(2)
             .unwrap()
@@ -258,9 +253,11 @@ mod tests {
         assert_eq!(from_batch, alone);
     }
 
+    /// Other dtypes never reach this path: the backends send them to candle's matmuls
+    /// (`backends::tests::other_cpu_dtypes_use_matmuls`), and here they are refused.
     #[test]
-    fn other_dtypes_fall_back() {
+    fn other_dtypes_are_refused() {
         let x = Tensor::zeros((1, 4, 8), DType::BF16, &Device::Cpu).unwrap();
-        assert!(dense_attention_cpu(&x, &x, &x, 2, 1.0).unwrap().is_none());
+        assert!(dense_attention_cpu(&x, &x, &x, 2, 1.0).is_err());
     }
 }

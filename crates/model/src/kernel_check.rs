@@ -164,9 +164,7 @@ fn check_paged(
         })
         .collect();
     let mut want = vec![f32::NAN; rows * heads * head_dim];
-    if !paged_attention_cpu(&q_ref, &k_ref, &v_ref, &runs, scale, &mut want)? {
-        candle_core::bail!("no CPU reference for this shape");
-    }
+    paged_attention_cpu(&q_ref, &k_ref, &v_ref, &runs, scale, &mut want)?;
     let want = Tensor::from_vec(want, (rows, heads, head_dim), &Device::Cpu)?;
     let out_cpu = out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let untouched = out_cpu

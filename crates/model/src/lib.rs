@@ -4,6 +4,8 @@
 //! release: checkpoint loading, tokenizer, image preprocessing, prompt template and forward.
 //! Knows nothing of HTTP or scheduling.
 
+mod attention_backend;
+mod backends;
 pub mod config;
 mod cpu_math;
 mod cpu_ops;
@@ -14,24 +16,28 @@ mod dense_attention;
 pub mod kernel_check;
 pub mod kv_cache;
 mod linear;
-pub mod llama;
+mod llama;
 pub mod loader;
 pub mod model;
 pub mod paged_attention;
 pub mod paged_plan;
+mod param_count;
 pub mod preprocess;
 pub mod projector;
 pub mod prompt;
-pub mod random_weights;
+mod random_weights;
 #[cfg(test)]
 mod test_util;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;
 
+pub use attention_backend::{AttentionBackend, AttentionChoice, UnknownAttention};
+pub use backends::{BackendError, Backends};
 pub use config::InternVlConfig;
 pub use kv_cache::{PagedKvCache, SequenceSlice};
+pub use linear::LinearKind;
 pub use loader::{EncodedPrompt, LoadError, LoadedModel};
-pub use model::{default_dtype, InternVlChat};
-pub use random_weights::{count_parameters, random_model, ParamCount};
+pub use model::InternVlChat;
+pub use param_count::{count_parameters, ParamCount};
 pub use weights::Checkpoint;

@@ -4,35 +4,45 @@
 //! On the CPU the `gemm` crate then repacks that view element by element on every call — a
 //! third of a decode step at 16 sequences went there — because it streams weights as
 //! [in, out] rows. So on the CPU each weight is transposed once, at load; elsewhere (cuBLAS
-//! reads either layout at full speed) it stays as loaded.
+//! reads either layout at full speed) it stays as loaded. [`LinearKind`], chosen with the model's
+//! backends, says which; another way of keeping weights is one more kind here.
 
-use crate::random_weights::is_stand_in;
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+/// How a linear layer keeps its weight, chosen with the model's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearKind {
+    /// Transposed once at load to [in, out], the rows the CPU's `gemm` streams.
+    InOut,
+    /// [out, in] as in the checkpoint, multiplied through its transposed view (cuBLAS reads
+    /// either layout at full speed).
+    AsLoaded,
+}
+
+/// A weight in the layout its [`LinearKind`] keeps.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// [in, out].
+    InOut(Tensor),
+    /// [out, in].
+    AsLoaded(Tensor),
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// [in, out] when `in_out`, else [out, in].
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
-    in_out: bool,
 }
 
 impl Linear {
     /// `weight` [out, in] as in the checkpoint; `bias` [out].
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let stand_in = is_stand_in(&weight);
-        let in_out = weight.device().is_cpu();
-        let weight = match (in_out, stand_in) {
-            (true, false) => weight.t()?.contiguous()?,
-            (true, true) => weight.t()?,
-            (false, _) => weight,
+    pub fn new(weight: Tensor, bias: Option<Tensor>, kind: LinearKind) -> Result<Self> {
+        let weight = match kind {
+            LinearKind::InOut => Weight::InOut(weight.t()?.contiguous()?),
+            LinearKind::AsLoaded => Weight::AsLoaded(weight),
         };
-        Ok(Self {
-            weight,
-            bias,
-            in_out,
-        })
+        Ok(Self { weight, bias })
     }
 
     /// `x` [..., in] → [..., out]: one matmul over all leading dimensions.
@@ -40,12 +50,11 @@ impl Linear {
         let mut dims = x.dims().to_vec();
         let in_dim = x.dim(D::Minus1)?;
         let rows = x.elem_count() / in_dim.max(1);
-        let weight = if self.in_out {
-            self.weight.clone()
-        } else {
-            self.weight.t()?
+        let x = x.reshape((rows, in_dim))?;
+        let y = match &self.weight {
+            Weight::InOut(w) => x.matmul(w)?,
+            Weight::AsLoaded(w) => x.matmul(&w.t()?)?,
         };
-        let y = x.reshape((rows, in_dim))?.matmul(&weight)?;
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -58,24 +67,35 @@ impl Linear {
 }
 
 /// `vb.pp(name)`'s `weight` [out, in] and, if `bias`, its `bias` [out].
-pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+pub fn linear_b(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    kind: LinearKind,
+    vb: VarBuilder,
+) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
-    Linear::new(weight, bias)
+    Linear::new(weight, bias, kind)
 }
 
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    linear_b(in_dim, out_dim, true, vb)
+pub fn linear(in_dim: usize, out_dim: usize, kind: LinearKind, vb: VarBuilder) -> Result<Linear> {
+    linear_b(in_dim, out_dim, true, kind, vb)
 }
 
-pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    linear_b(in_dim, out_dim, false, vb)
+pub fn linear_no_bias(
+    in_dim: usize,
+    out_dim: usize,
+    kind: LinearKind,
+    vb: VarBuilder,
+) -> Result<Linear> {
+    linear_b(in_dim, out_dim, false, kind, vb)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     /// Equals x·Wᵀ + b over leading dimensions, whatever the stored layout.
     #[test]
@@ -84,11 +104,6 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (7, 5), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
-        let ours = Linear::new(w.clone(), Some(b.clone()))
-            .unwrap()
-            .forward(&x)
-            .unwrap();
-        assert_eq!(ours.dims(), &[2, 3, 7]);
         let expected = x
             .reshape((6, 5))
             .unwrap()
@@ -98,19 +113,14 @@ mod tests {
             .unwrap()
             .reshape((2, 3, 7))
             .unwrap();
-        let diff: f32 = crate::test_util::max_difference(&ours, &expected);
-        assert!(diff < 1e-5, "max difference {diff}");
-    }
-
-    #[test]
-    fn stand_ins_stay_views() {
-        let dev = Device::Cpu;
-        let stand_in = Tensor::zeros((), DType::F32, &dev)
-            .unwrap()
-            .broadcast_as((4096, 1024))
-            .unwrap();
-        let layer = Linear::new(stand_in, None).unwrap();
-        assert!(is_stand_in(&layer.weight));
-        assert_eq!(layer.weight.dims(), &[1024, 4096]);
+        for kind in [LinearKind::InOut, LinearKind::AsLoaded] {
+            let ours = Linear::new(w.clone(), Some(b.clone()), kind)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            assert_eq!(ours.dims(), &[2, 3, 7]);
+            let diff: f32 = crate::test_util::max_difference(&ours, &expected);
+            assert!(diff < 1e-5, "{kind:?}: max difference {diff}");
+        }
     }
 }

@@ -1,14 +1,16 @@
 //! Loading a checkpoint directory into everything a chat needs: model, tokenizer, template
 //! and image preprocessing, checked against each other.
 
+use crate::backends::Backends;
 use crate::config::{ConfigError, InternVlConfig};
-use crate::model::{default_dtype, InternVlChat};
+use crate::model::InternVlChat;
+use crate::param_count::ParamCount;
 use crate::preprocess::{PixelValues, PreprocessConfig};
 use crate::prompt::{ChatMessage, PromptError, PromptTemplate, IMG_CONTEXT};
-use crate::random_weights::{random_model, ParamCount};
+use crate::random_weights::random_model;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{Checkpoint, ProgressFn, WeightsError};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -29,8 +31,6 @@ pub enum LoadError {
     ImagePlaceholders { found: usize, images: usize },
     #[error("the tokenizer has {tokenizer} tokens but the model's vocabulary only {model}")]
     VocabMismatch { tokenizer: usize, model: usize },
-    #[error("bf16 compute is not supported on the CPU (candle's CPU matmul lacks it): use f32, the default")]
-    Bf16OnCpu,
     #[error("building the model: {0}")]
     Model(#[from] candle_core::Error),
 }
@@ -56,26 +56,29 @@ pub struct EncodedPrompt {
 }
 
 impl LoadedModel {
-    /// Loads `dir` onto `device`, computing in `dtype` (default: [`default_dtype`]).
-    pub fn load(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Self, LoadError> {
-        Self::load_with_progress(dir, device, dtype, None)
+    /// Loads `dir` onto the device, in the dtype and with the layers `backends` name.
+    pub fn load(dir: &Path, backends: &Backends) -> Result<Self, LoadError> {
+        Self::load_with_progress(dir, backends, None)
     }
 
     /// As [`LoadedModel::load`], reporting each tensor read to `progress`.
     pub fn load_with_progress(
         dir: &Path,
-        device: &Device,
-        dtype: Option<DType>,
+        backends: &Backends,
         progress: Option<ProgressFn>,
     ) -> Result<Self, LoadError> {
-        let dtype = compute_dtype(device, dtype)?;
         let config = InternVlConfig::from_dir(dir)?;
         let front = FrontEnd::new(&config, dir)?;
         let mut checkpoint = Checkpoint::open(dir)?;
         if let Some(progress) = progress {
             checkpoint = checkpoint.with_progress(progress);
         }
-        let model = InternVlChat::new(config, checkpoint, front.image_context_id, dtype, device)?;
+        let model = InternVlChat::new(
+            config,
+            Box::new(checkpoint),
+            front.image_context_id,
+            backends,
+        )?;
         Ok(front.with_model(model))
     }
 
@@ -85,14 +88,12 @@ impl LoadedModel {
     pub fn load_random(
         config_file: &Path,
         tokenizer_dir: &Path,
-        device: &Device,
-        dtype: Option<DType>,
+        backends: &Backends,
         seed: u64,
     ) -> Result<(Self, ParamCount), LoadError> {
-        let dtype = compute_dtype(device, dtype)?;
         let config = InternVlConfig::from_file(config_file)?;
         let front = FrontEnd::new(&config, tokenizer_dir)?;
-        let (model, params) = random_model(config, front.image_context_id, dtype, device, seed)?;
+        let (model, params) = random_model(config, front.image_context_id, backends, seed)?;
         Ok((front.with_model(model), params))
     }
 
@@ -130,15 +131,6 @@ impl LoadedModel {
         let images: Vec<&PixelValues> = images.iter().collect();
         pixel_batch(&images, self.model.device())
     }
-}
-
-/// `dtype`, or the device's default, where the device can compute in it.
-fn compute_dtype(device: &Device, dtype: Option<DType>) -> Result<DType, LoadError> {
-    let dtype = dtype.unwrap_or_else(|| default_dtype(device));
-    if device.is_cpu() && dtype == DType::BF16 {
-        return Err(LoadError::Bf16OnCpu);
-    }
-    Ok(dtype)
 }
 
 /// Everything a chat needs besides the weights: the tokenizer, checked against the model's

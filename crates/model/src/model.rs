@@ -1,24 +1,15 @@
 //! InternVL-Chat: vision encoder, pixel shuffle, projector and LLaMA, loaded from a
 //! checkpoint directory.
 
+use crate::backends::Backends;
 use crate::config::InternVlConfig;
 use crate::kv_cache::{PagedKvCache, SequenceSlice};
 use crate::llama::Llama;
 use crate::projector::{pixel_shuffle, Projector};
 use crate::vision::InternVisionModel;
-use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-
-/// The compute dtype a device gets unless overridden: f32 on CPU, where candle widens bf16 on
-/// every matmul, and bf16 on CUDA, the checkpoint's own precision.
-pub fn default_dtype(device: &Device) -> DType {
-    if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    }
-}
 
 /// The whole model, ready to encode images and run the language model.
 pub struct InternVlChat {
@@ -32,47 +23,41 @@ pub struct InternVlChat {
 }
 
 impl InternVlChat {
-    /// Builds the model from `config` and the tensors of `checkpoint`.
+    /// Builds the model `config` describes from `weights`, any source of tensors named as in
+    /// the checkpoint (a [`crate::Checkpoint`], random weights), on the device and with the
+    /// layers `backends` name.
     ///
     /// `image_context_id` is the tokenizer's `<IMG_CONTEXT>` id: the positions whose
     /// embeddings the image features replace.
     pub fn new(
         config: InternVlConfig,
-        checkpoint: Checkpoint,
+        weights: Box<dyn SimpleBackend>,
         image_context_id: u32,
-        dtype: DType,
-        device: &Device,
+        backends: &Backends,
     ) -> Result<Self> {
-        let vb = VarBuilder::from_backend(Box::new(checkpoint), dtype, device.clone());
-        Self::from_var_builder(config, vb, image_context_id)
-    }
-
-    /// Builds the model from any source of tensors named as in the checkpoint.
-    pub fn from_var_builder(
-        config: InternVlConfig,
-        vb: VarBuilder,
-        image_context_id: u32,
-    ) -> Result<Self> {
+        let vb = VarBuilder::from_backend(weights, backends.dtype(), backends.device().clone());
         let vision = InternVisionModel::new(
             &config.vision,
             config.image_size,
             config.vision_layers_used(),
+            backends,
             vb.pp("vision_model"),
         )?;
         let factor = config.shuffle_factor();
         let projector = Projector::new(
             config.vision.hidden_size * factor * factor,
             config.llm.hidden_size,
+            backends,
             vb.pp("mlp1"),
         )?;
-        let llm = Llama::new(&config.llm, vb.pp("language_model"))?;
+        let llm = Llama::new(&config.llm, backends, vb.pp("language_model"))?;
         Ok(Self {
             vision,
             projector,
             llm,
             image_context_id,
-            device: vb.device().clone(),
-            dtype: vb.dtype(),
+            device: backends.device().clone(),
+            dtype: backends.dtype(),
             config,
         })
     }

@@ -32,8 +32,8 @@ pub struct PagedRun<'a> {
 
 /// Attention of every run in `runs` at once: `q` [tokens, heads, head_dim] holds the new
 /// tokens of the whole batch; each run's rows of `out` (the same layout, flat) receive its
-/// result, the other rows are left as they are. Returns `false`, touching nothing, where this
-/// path does not apply (not CPU, not f32).
+/// result, the other rows are left as they are. CPU f32 only, with contiguous caches: the
+/// backends send other devices and dtypes to the matmul attention.
 pub fn paged_attention_cpu(
     q: &Tensor,
     k_cache: &Tensor,
@@ -41,13 +41,13 @@ pub fn paged_attention_cpu(
     runs: &[PagedRun],
     scale: f32,
     out: &mut [f32],
-) -> Result<bool> {
+) -> Result<()> {
     if !matches!(q.device(), Device::Cpu)
         || q.dtype() != DType::F32
         || k_cache.dtype() != DType::F32
         || v_cache.dtype() != DType::F32
     {
-        return Ok(false);
+        candle_core::bail!("paged attention: CPU f32 only");
     }
     let (tokens, heads, head_dim) = q.dims3()?;
     let (_, kv_heads, kv_dim) = k_cache.dims3()?;
@@ -70,10 +70,10 @@ pub fn paged_attention_cpu(
     let (Storage::Cpu(q_cpu), Storage::Cpu(k_cpu), Storage::Cpu(v_cpu)) =
         (&*q_storage, &*k_storage, &*v_storage)
     else {
-        return Ok(false);
+        candle_core::bail!("paged attention: not on the CPU");
     };
     if !k_layout.is_contiguous() || !v_layout.is_contiguous() {
-        return Ok(false);
+        candle_core::bail!("paged attention: the caches are not contiguous");
     }
     let queries = &q_cpu.as_slice::<f32>()?[q_layout.start_offset()..];
     let cache = Cache {
@@ -109,7 +109,7 @@ pub fn paged_attention_cpu(
                     });
                 });
         });
-    Ok(true)
+    Ok(())
 }
 
 /// A layer's cache as flat f32 rows, one per slot: kv_heads × head_dim.
@@ -244,7 +244,7 @@ mod tests {
         ];
         let scale = 0.25;
         let mut out = vec![7f32; 5 * heads * hd];
-        assert!(paged_attention_cpu(&q, &k_cache, &v_cache, &runs, scale, &mut out).unwrap());
+        paged_attention_cpu(&q, &k_cache, &v_cache, &runs, scale, &mut out).unwrap();
         let out = Tensor::from_vec(out, (5, heads, hd), &dev).unwrap();
         for run in &runs {
             let rows = q.narrow(0, run.rows.start, run.rows.len()).unwrap();
@@ -288,7 +288,7 @@ mod tests {
             })
             .collect();
         let mut all = vec![0f32; 12 * heads * hd];
-        assert!(paged_attention_cpu(&q, &cache, &cache, &runs, 0.2, &mut all).unwrap());
+        paged_attention_cpu(&q, &cache, &cache, &runs, 0.2, &mut all).unwrap();
         let one = q.narrow(0, 5, 1).unwrap();
         let alone_run = [PagedRun {
             rows: 0..1,
@@ -296,12 +296,15 @@ mod tests {
             slots: runs[5].slots,
         }];
         let mut alone = vec![0f32; heads * hd];
-        assert!(paged_attention_cpu(&one, &cache, &cache, &alone_run, 0.2, &mut alone).unwrap());
+        paged_attention_cpu(&one, &cache, &cache, &alone_run, 0.2, &mut alone).unwrap();
         assert_eq!(&all[5 * heads * hd..6 * heads * hd], alone.as_slice());
     }
 
+    /// Other dtypes never reach this path: the backends send them to candle's matmuls
+    /// (`backends::tests::other_cpu_dtypes_use_matmuls`); here they are refused, the output
+    /// untouched.
     #[test]
-    fn other_dtypes_fall_back() {
+    fn other_dtypes_are_refused() {
         let dev = Device::Cpu;
         let cache = Tensor::zeros((4, 1, 8), DType::BF16, &dev).unwrap();
         let q = Tensor::zeros((1, 1, 8), DType::BF16, &dev).unwrap();
@@ -310,7 +313,8 @@ mod tests {
             start: 0,
             slots: &[0],
         }];
-        let mut out = vec![0f32; 8];
-        assert!(!paged_attention_cpu(&q, &cache, &cache, &runs, 1.0, &mut out).unwrap());
+        let mut out = vec![7f32; 8];
+        assert!(paged_attention_cpu(&q, &cache, &cache, &runs, 1.0, &mut out).is_err());
+        assert!(out.iter().all(|&x| x == 7.0));
     }
 }

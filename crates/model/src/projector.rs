@@ -1,6 +1,8 @@
 //! Pixel shuffle and the `mlp1` projector: ViT patch features → LLM embeddings.
 
+use crate::backends::Backends;
 use crate::config::PixelShuffleVersion;
+use crate::cpu_ops::Elementwise;
 use crate::linear::{linear, Linear};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
@@ -38,20 +40,23 @@ pub struct Projector {
     norm: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+    elementwise: Elementwise,
 }
 
 impl Projector {
-    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_dim: usize, out_dim: usize, backends: &Backends, vb: VarBuilder) -> Result<Self> {
+        let kind = backends.linear();
         Ok(Self {
             norm: layer_norm(in_dim, 1e-5, vb.pp("0"))?,
-            fc1: linear(in_dim, out_dim, vb.pp("1"))?,
-            fc2: linear(out_dim, out_dim, vb.pp("3"))?,
+            fc1: linear(in_dim, out_dim, kind, vb.pp("1"))?,
+            fc2: linear(out_dim, out_dim, kind, vb.pp("3"))?,
+            elementwise: backends.elementwise(),
         })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = self.fc1.forward(&self.norm.forward(xs)?)?;
-        let xs = crate::cpu_ops::gelu_erf(&xs)?;
+        let xs = self.elementwise.gelu_erf(&xs)?;
         self.fc2.forward(&xs)
     }
 }

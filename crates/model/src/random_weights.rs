@@ -10,111 +10,41 @@
 //! full one. Norm weights are 1, biases 0 and InternViT's layer scales 0.1 (upstream's
 //! `initializer_factor`), as upstream initialises them.
 
+use crate::backends::Backends;
 use crate::config::InternVlConfig;
 use crate::model::InternVlChat;
+use crate::param_count::ParamCount;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
-use std::fmt;
 use std::sync::{Arc, Mutex};
 
 /// InternViT's `ls1` / `ls2` at initialisation (`initializer_factor`).
 const LAYER_SCALE: f32 = 0.1;
 
-/// Parameters of a built model, by part.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ParamCount {
-    pub vision: u64,
-    pub projector: u64,
-    pub language_model: u64,
-}
-
-impl ParamCount {
-    pub fn total(&self) -> u64 {
-        self.vision + self.projector + self.language_model
-    }
-
-    fn add(&mut self, name: &str, count: u64) {
-        let part = if name.starts_with("vision_model.") {
-            &mut self.vision
-        } else if name.starts_with("mlp1.") {
-            &mut self.projector
-        } else {
-            &mut self.language_model
-        };
-        *part += count;
-    }
-}
-
-impl fmt::Display for ParamCount {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let short = |n: u64| {
-            let n = n as f64;
-            if n >= 1e9 {
-                format!("{:.2} B", n / 1e9)
-            } else {
-                format!("{:.2} M", n / 1e6)
-            }
-        };
-        write!(
-            f,
-            "{} parameters ({}: vision {}, projector {}, language model {})",
-            self.total(),
-            short(self.total()),
-            short(self.vision),
-            short(self.projector),
-            short(self.language_model)
-        )
-    }
-}
-
-/// Whether `t` is one of the zero-strided stand-ins [`count_parameters`] builds the model
-/// from: a shape with no memory of its own, which layers must keep a view rather than
-/// materialise (a copy of it would allocate the whole weight).
-pub(crate) fn is_stand_in(t: &Tensor) -> bool {
-    t.stride().iter().all(|&s| s == 0)
-}
-
-/// Builds the model `config` describes with random weights on `device`, computing in `dtype`.
+/// Builds the model `config` describes with random weights, on the device and with the layers
+/// `backends` name. Also returns the parameters made.
 ///
 /// The same `seed` gives the same weights on the same kind of device (the CPU and CUDA draw
 /// from different generators). `image_context_id` is the tokenizer's `<IMG_CONTEXT>` id.
 pub fn random_model(
     config: InternVlConfig,
     image_context_id: u32,
-    dtype: DType,
-    device: &Device,
+    backends: &Backends,
     seed: u64,
 ) -> Result<(InternVlChat, ParamCount)> {
+    let device = backends.device();
     let fill = if device.is_cpu() {
         Fill::Host(Mutex::new(SplitMix64(seed)))
     } else {
         device.set_seed(seed)?;
         Fill::Device
     };
-    build(config, image_context_id, Some(fill), dtype, device)
-}
-
-/// The parameters of the model `config` describes, counted without allocating them: only the
-/// ViT layers up to `select_layer` are counted, since only those are built.
-pub fn count_parameters(config: &InternVlConfig) -> Result<ParamCount> {
-    build(config.clone(), 0, None, DType::F32, &Device::Cpu).map(|(_, count)| count)
-}
-
-fn build(
-    config: InternVlConfig,
-    image_context_id: u32,
-    fill: Option<Fill>,
-    dtype: DType,
-    device: &Device,
-) -> Result<(InternVlChat, ParamCount)> {
     let count = Arc::new(Mutex::new(ParamCount::default()));
-    let backend = RandomBackend {
+    let weights = RandomBackend {
         fill,
         count: count.clone(),
     };
-    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    let model = InternVlChat::from_var_builder(config, vb, image_context_id)?;
+    let model = InternVlChat::new(config, Box::new(weights), image_context_id, backends)?;
     let count = *count
         .lock()
         .map_err(|_| candle_core::Error::Msg("parameter count poisoned".into()))?;
@@ -146,8 +76,7 @@ impl Fill {
 
 /// A [`SimpleBackend`] that makes up every tensor asked for and counts their elements.
 struct RandomBackend {
-    /// `None` to count only: zero-strided views of one scalar have the shapes but no memory.
-    fill: Option<Fill>,
+    fill: Fill,
     count: Arc<Mutex<ParamCount>>,
 }
 
@@ -163,9 +92,6 @@ impl SimpleBackend for RandomBackend {
         if let Ok(mut count) = self.count.lock() {
             count.add(name, shape.elem_count() as u64);
         }
-        let Some(fill) = &self.fill else {
-            return Tensor::zeros((), dtype, dev)?.broadcast_as(shape);
-        };
         let leaf = name.rsplit('.').next().unwrap_or(name);
         // Generated in f32 and converted one tensor at a time: curand has no bf16 normals.
         let tensor = match leaf {
@@ -174,7 +100,7 @@ impl SimpleBackend for RandomBackend {
             _ if shape.rank() == 1 => Tensor::ones(&shape, DType::F32, dev)?,
             _ => {
                 let fan_in: usize = shape.dims()[1..].iter().product();
-                fill.normal(&shape, (fan_in as f64).powf(-0.5), dev)?
+                self.fill.normal(&shape, (fan_in as f64).powf(-0.5), dev)?
             }
         };
         tensor.to_dtype(dtype)

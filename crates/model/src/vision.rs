@@ -3,7 +3,10 @@
 //! Only the layers up to `select_layer` are built: the published checkpoint has 48 but V1.1
 //! reads the output of layer 44, so the last three are never loaded or run.
 
+use crate::attention_backend::AttentionBackend;
+use crate::backends::Backends;
 use crate::config::{VisionConfig, VisionNorm};
+use crate::cpu_ops::Elementwise;
 use crate::linear::{linear, linear_b, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
@@ -67,6 +70,36 @@ impl VisionEmbeddings {
     }
 }
 
+/// How the encoder's attention is computed: its layers' share of [`AttentionBackend`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VisionAttentionKind {
+    /// Block by block on the CPU in f32 ([`crate::dense_attention`]).
+    CpuBlocks,
+    /// candle's matmuls and softmax.
+    Matmul,
+    /// The flash kernel, where it takes the dtype and head size.
+    #[cfg(feature = "cuda")]
+    Flash,
+}
+
+impl VisionAttentionKind {
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn new(backends: &Backends, head_dim: usize) -> Self {
+        match backends.attention() {
+            AttentionBackend::CpuF32 => Self::CpuBlocks,
+            AttentionBackend::Matmul => Self::Matmul,
+            #[cfg(feature = "cuda")]
+            AttentionBackend::CudaKernels => {
+                if crate::cuda_kernels::flash_supported(backends.dtype(), head_dim) {
+                    Self::Flash
+                } else {
+                    Self::Matmul
+                }
+            }
+        }
+    }
+}
+
 /// Self-attention with a fused qkv projection and q/k RMSNorm over the full width.
 #[derive(Debug, Clone)]
 pub struct VisionAttention {
@@ -76,10 +109,11 @@ pub struct VisionAttention {
     proj: Linear,
     num_heads: usize,
     head_dim: usize,
+    kind: VisionAttentionKind,
 }
 
 impl VisionAttention {
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &VisionConfig, backends: &Backends, vb: VarBuilder) -> Result<Self> {
         let c = cfg.hidden_size;
         let (q_norm, k_norm) = if cfg.qk_normalization {
             (
@@ -100,17 +134,18 @@ impl VisionAttention {
             (None, None)
         };
         Ok(Self {
-            qkv: linear_b(c, 3 * c, cfg.qkv_bias, vb.pp("qkv"))?,
+            qkv: linear_b(c, 3 * c, cfg.qkv_bias, backends.linear(), vb.pp("qkv"))?,
             q_norm,
             k_norm,
-            proj: linear(c, c, vb.pp("proj"))?,
+            proj: linear(c, c, backends.linear(), vb.pp("proj"))?,
             num_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
+            kind: VisionAttentionKind::new(backends, cfg.head_dim()),
         })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = xs.dims3()?;
+        let c = xs.dim(D::Minus1)?;
         let qkv = self.qkv.forward(xs)?;
         let mut q = qkv.narrow(D::Minus1, 0, c)?;
         let mut k = qkv.narrow(D::Minus1, c, c)?;
@@ -119,22 +154,30 @@ impl VisionAttention {
             q = qn.forward(&q.contiguous()?)?;
             k = kn.forward(&k.contiguous()?)?;
         }
-        #[cfg(feature = "cuda")]
-        if q.device().is_cuda()
-            && crate::cuda_kernels::kernels_enabled()
-            && crate::cuda_kernels::flash_supported(q.dtype(), self.head_dim)
-        {
-            let heads = |t: &Tensor| t.reshape((b, n, self.num_heads, self.head_dim));
-            let out =
-                crate::cuda_kernels::flash_attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, false)?;
-            return self.proj.forward(&out.reshape((b, n, c))?);
-        }
         let scale = (self.head_dim as f64).powf(-0.5);
-        if let Some(out) =
-            crate::dense_attention::dense_attention_cpu(&q, &k, &v, self.num_heads, scale as f32)?
-        {
-            return self.proj.forward(&out);
-        }
+        let out = match self.kind {
+            VisionAttentionKind::CpuBlocks => crate::dense_attention::dense_attention_cpu(
+                &q,
+                &k,
+                &v,
+                self.num_heads,
+                scale as f32,
+            )?,
+            VisionAttentionKind::Matmul => self.matmul_attention(q, k, v, scale)?,
+            #[cfg(feature = "cuda")]
+            VisionAttentionKind::Flash => {
+                let (b, n, _) = q.dims3()?;
+                let heads = |t: &Tensor| t.reshape((b, n, self.num_heads, self.head_dim));
+                crate::cuda_kernels::flash_attention(&heads(&q)?, &heads(&k)?, &heads(&v)?, false)?
+                    .reshape((b, n, c))?
+            }
+        };
+        self.proj.forward(&out)
+    }
+
+    /// softmax(q·kᵀ · scale)·v with candle's ops; `q`, `k`, `v` [B, N, C] → [B, N, C].
+    fn matmul_attention(&self, q: Tensor, k: Tensor, v: Tensor, scale: f64) -> Result<Tensor> {
+        let (b, n, c) = q.dims3()?;
         let heads = |t: Tensor| {
             t.reshape((b, n, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?
@@ -144,8 +187,7 @@ impl VisionAttention {
         let scores = (q * scale)?.matmul(&k.t()?)?;
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
-        self.proj.forward(&out)
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
     }
 }
 
@@ -154,19 +196,22 @@ impl VisionAttention {
 pub struct VisionMlp {
     fc1: Linear,
     fc2: Linear,
+    elementwise: Elementwise,
 }
 
 impl VisionMlp {
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &VisionConfig, backends: &Backends, vb: VarBuilder) -> Result<Self> {
+        let (c, i, kind) = (cfg.hidden_size, cfg.intermediate_size, backends.linear());
         Ok(Self {
-            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: linear(c, i, kind, vb.pp("fc1"))?,
+            fc2: linear(i, c, kind, vb.pp("fc2"))?,
+            elementwise: backends.elementwise(),
         })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&crate::cpu_ops::gelu_erf(&self.fc1.forward(xs)?)?)
+        let hidden = self.elementwise.gelu_erf(&self.fc1.forward(xs)?)?;
+        self.fc2.forward(&hidden)
     }
 }
 
@@ -182,14 +227,14 @@ pub struct VisionLayer {
 }
 
 impl VisionLayer {
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &VisionConfig, backends: &Backends, vb: VarBuilder) -> Result<Self> {
         let (c, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         Ok(Self {
             norm1: Norm::new(cfg.norm_type, c, eps, vb.pp("norm1"))?,
-            attn: VisionAttention::new(cfg, vb.pp("attn"))?,
+            attn: VisionAttention::new(cfg, backends, vb.pp("attn"))?,
             ls1: vb.get(c, "ls1")?,
             norm2: Norm::new(cfg.norm_type, c, eps, vb.pp("norm2"))?,
-            mlp: VisionMlp::new(cfg, vb.pp("mlp"))?,
+            mlp: VisionMlp::new(cfg, backends, vb.pp("mlp"))?,
             ls2: vb.get(c, "ls2")?,
         })
     }
@@ -215,12 +260,13 @@ impl InternVisionModel {
         cfg: &VisionConfig,
         image_size: usize,
         num_layers: usize,
+        backends: &Backends,
         vb: VarBuilder,
     ) -> Result<Self> {
         let embeddings = VisionEmbeddings::new(cfg, image_size, vb.pp("embeddings"))?;
         let vb_layers = vb.pp("encoder.layers");
         let layers = (0..num_layers)
-            .map(|i| VisionLayer::new(cfg, vb_layers.pp(i)))
+            .map(|i| VisionLayer::new(cfg, backends, vb_layers.pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { embeddings, layers })
     }

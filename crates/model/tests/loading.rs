@@ -77,7 +77,7 @@ fn one_image_logits(loaded: &LoadedModel) -> Tensor {
 }
 
 fn load(dir: &Path) -> Result<LoadedModel, LoadError> {
-    LoadedModel::load(dir, &Device::Cpu, Some(DType::F32))
+    LoadedModel::load(dir, &cpu_backends(Some(DType::F32)))
 }
 
 fn error_text(dir: &Path) -> String {
@@ -253,8 +253,7 @@ fn progress_reports_every_tensor_and_skips_unused_layers() {
     let sink = reports.clone();
     let loaded = LoadedModel::load_with_progress(
         &demo_dir(),
-        &Device::Cpu,
-        None,
+        &cpu_backends(None),
         Some(Box::new(move |p| sink.lock().unwrap().push(*p))),
     )
     .unwrap();

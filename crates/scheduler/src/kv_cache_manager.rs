@@ -9,7 +9,7 @@
 use crate::block_pool::{Block, BlockHash, BlockPool};
 use crate::config::EngineConfig;
 use crate::prefix_hash::{block_hash, ImagePart};
-use crate::sequence::SeqImage;
+use crate::seq_image::SeqImage;
 
 /// One sequence's blocks, in token order, with the hashes of its full blocks.
 #[derive(Default)]

@@ -19,6 +19,7 @@ pub mod request;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;
+mod seq_image;
 mod sequence;
 pub mod stats;
 pub mod stop;

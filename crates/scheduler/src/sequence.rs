@@ -10,64 +10,15 @@ use crate::kv_cache_manager::{KvCacheManager, SeqBlocks};
 use crate::output::EventSender;
 use crate::request::{Event, ImageInput, RequestTimings, Usage};
 use crate::sampling::{Sampled, Sampler, SamplingError, SamplingParams};
+use crate::seq_image::SeqImage;
 use crate::stop::{FinishReason, StopChecker, StopParams, StopReason, StopStep};
 use std::ops::Range;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Names a sequence for the length of its life in the engine, whatever its place in the
 /// queues; each completion of a request has its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SeqId(pub u64);
-
-/// An image of the sequence and, once encoded, its embeddings.
-pub(crate) struct SeqImage<P, E> {
-    input: ImageInput<P>,
-    embeds: Option<Arc<E>>,
-}
-
-impl<P, E> Clone for SeqImage<P, E> {
-    fn clone(&self) -> Self {
-        SeqImage {
-            input: self.input.clone(),
-            embeds: self.embeds.clone(),
-        }
-    }
-}
-
-impl<P, E> SeqImage<P, E> {
-    /// The image's placeholder positions in the prompt.
-    pub fn range(&self) -> Range<usize> {
-        // `validate` checked that offset + num_tokens fits in the prompt.
-        self.input.offset..self.input.offset + self.input.num_tokens
-    }
-
-    /// The rows of the image's embeddings whose placeholders lie in the token range `span`,
-    /// or `None` when the image has no placeholder there: the one test of an image against a
-    /// span, for scheduling, encoding, hashing and the forward alike.
-    pub fn rows_in(&self, span: &Range<usize>) -> Option<Range<usize>> {
-        let range = self.range();
-        (range.start < span.end && span.start < range.end).then(|| {
-            span.start.max(range.start) - range.start..span.end.min(range.end) - range.start
-        })
-    }
-
-    pub fn content_hash(&self) -> crate::ContentHash {
-        self.input.content_hash
-    }
-
-    pub fn pixels(&self) -> &Arc<P> {
-        &self.input.pixels
-    }
-
-    pub fn embeds(&self) -> Option<&Arc<E>> {
-        self.embeds.as_ref()
-    }
-
-    pub fn set_embeds(&mut self, embeds: Arc<E>) {
-        self.embeds = Some(embeds);
-    }
-}
 
 /// What the siblings of an `n > 1` request are made from, once its prompt is computed.
 pub(crate) struct Fork {
@@ -123,13 +74,7 @@ impl<P, E> Sequence<P, E> {
             fork,
             prompt_len: prompt.len(),
             tokens: prompt,
-            images: images
-                .into_iter()
-                .map(|input| SeqImage {
-                    input,
-                    embeds: None,
-                })
-                .collect(),
+            images: images.into_iter().map(SeqImage::new).collect(),
             computed: 0,
             blocks: SeqBlocks::default(),
             output,

@@ -3,13 +3,14 @@
 use anyhow::Context;
 use candle_core::{DType, Device};
 use internvl_model::weights::ProgressFn;
-use internvl_model::LoadedModel;
+use internvl_model::{AttentionChoice, Backends, LoadedModel};
 use std::path::Path;
 
 /// Seed of `--random-weights`: fixed, so that every run benchmarks the same model.
 pub const RANDOM_WEIGHTS_SEED: u64 = 0;
 
-/// Loads the checkpoint `dir`; with `random_weights`, builds the model that config file
+/// Loads the checkpoint `dir` onto `device`, computing in `dtype` (default: the device's)
+/// with the `attention` asked for; with `random_weights`, builds the model that config file
 /// describes with random weights instead and takes only the tokenizer from `dir`, warning on
 /// stderr (through the log) that answers will be meaningless.
 pub fn load_model(
@@ -17,22 +18,28 @@ pub fn load_model(
     random_weights: Option<&Path>,
     device: &Device,
     dtype: Option<DType>,
+    attention: AttentionChoice,
     progress: Option<ProgressFn>,
 ) -> anyhow::Result<LoadedModel> {
+    let backends = Backends::resolve(device, dtype, attention)?;
+    tracing::info!(
+        attention = ?backends.attention(),
+        linear = ?backends.linear(),
+        dtype = ?backends.dtype(),
+        "model backends"
+    );
     let Some(config) = random_weights else {
-        return LoadedModel::load_with_progress(dir, device, dtype, progress)
+        return LoadedModel::load_with_progress(dir, &backends, progress)
             .with_context(|| format!("loading {}", dir.display()));
     };
-    let (loaded, params) =
-        LoadedModel::load_random(config, dir, device, dtype, RANDOM_WEIGHTS_SEED).with_context(
-            || {
-                format!(
-                    "random weights for {} (tokenizer from {})",
-                    config.display(),
-                    dir.display()
-                )
-            },
-        )?;
+    let (loaded, params) = LoadedModel::load_random(config, dir, &backends, RANDOM_WEIGHTS_SEED)
+        .with_context(|| {
+            format!(
+                "random weights for {} (tokenizer from {})",
+                config.display(),
+                dir.display()
+            )
+        })?;
     tracing::warn!(
         config = %config.display(),
         tokenizer = %dir.display(),
@@ -50,9 +57,17 @@ mod tests {
     #[test]
     fn errors_name_the_config_file() {
         let missing = Path::new("/nonexistent/internvl-config.json");
-        let error = load_model(&demo_model_dir(), Some(missing), &Device::Cpu, None, None)
-            .err()
-            .unwrap();
+        let auto = AttentionChoice::Auto;
+        let error = load_model(
+            &demo_model_dir(),
+            Some(missing),
+            &Device::Cpu,
+            None,
+            auto,
+            None,
+        )
+        .err()
+        .unwrap();
         let text = format!("{error:#}");
         assert!(
             text.contains("random weights for /nonexistent/internvl-config.json")
@@ -65,6 +80,7 @@ mod tests {
             Some(&config),
             &Device::Cpu,
             Some(DType::BF16),
+            auto,
             None,
         )
         .err()

@@ -3,9 +3,9 @@
 
 #![allow(dead_code)]
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use internvl_model::prompt::{ChatMessage, Part, Role};
-use internvl_model::{LoadedModel, PagedKvCache, SequenceSlice};
+use internvl_model::{AttentionChoice, Backends, LoadedModel, PagedKvCache, SequenceSlice};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,8 +22,13 @@ pub fn images_dir() -> PathBuf {
     repo_root().join("tests/fixtures/images")
 }
 
+/// The CPU's backends for `dtype` (default f32), as the binary resolves them by default.
+pub fn cpu_backends(dtype: Option<DType>) -> Backends {
+    Backends::resolve(&Device::Cpu, dtype, AttentionChoice::Auto).expect("a CPU dtype")
+}
+
 pub fn load_demo() -> LoadedModel {
-    LoadedModel::load(&demo_dir(), &Device::Cpu, None).expect("demo checkpoint loads")
+    LoadedModel::load(&demo_dir(), &cpu_backends(None)).expect("demo checkpoint loads")
 }
 
 /// `model_cases.json` and `model.safetensors`.

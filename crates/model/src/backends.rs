@@ -1,0 +1,144 @@
+//! Where and how the model computes, decided once before it is built.
+//!
+//! [`Backends::resolve`] takes what the binary's settings name (device, optional dtype,
+//! [`AttentionChoice`]) and fixes the compute dtype, the attention backend, the linear-layer
+//! kind and the bodies of the elementwise ops. Every model constructor takes the result, so
+//! no layer probes its device or dtype per call, and an impossible combination fails here,
+//! before any weight is read.
+
+use crate::attention_backend::{AttentionBackend, AttentionChoice};
+use crate::cpu_ops::Elementwise;
+use crate::linear::LinearKind;
+use candle_core::{DType, Device};
+
+/// Why a device, dtype and attention choice do not go together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("bf16 compute is not supported on the CPU (candle's CPU matmul lacks it): use f32, the default")]
+    Bf16OnCpu,
+    #[error("attention `kernels` needs a CUDA device; {0}")]
+    NoKernels(&'static str),
+}
+
+/// The resolved choices every layer of the model is built with.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    device: Device,
+    dtype: DType,
+    attention: AttentionBackend,
+    linear: LinearKind,
+    elementwise: Elementwise,
+}
+
+impl Backends {
+    /// The backends for `device`, computing in `dtype` (default: f32 on the CPU, where candle
+    /// widens bf16 on every matmul, and bf16 elsewhere, the checkpoint's own precision).
+    pub fn resolve(
+        device: &Device,
+        dtype: Option<DType>,
+        attention: AttentionChoice,
+    ) -> Result<Self, BackendError> {
+        let cpu = device.is_cpu();
+        let dtype = dtype.unwrap_or(if cpu { DType::F32 } else { DType::BF16 });
+        if cpu && dtype == DType::BF16 {
+            return Err(BackendError::Bf16OnCpu);
+        }
+        let attention = match (attention, cpu) {
+            (AttentionChoice::Matmul, _) => AttentionBackend::Matmul,
+            (AttentionChoice::Kernels, true) => {
+                return Err(BackendError::NoKernels(
+                    "the kernels are CUDA's, this is the CPU",
+                ))
+            }
+            (_, true) if dtype == DType::F32 => AttentionBackend::CpuF32,
+            (AttentionChoice::Auto, true) => AttentionBackend::Matmul,
+            (_, false) => gpu_attention(attention)?,
+        };
+        Ok(Self {
+            device: device.clone(),
+            dtype,
+            attention,
+            linear: if cpu {
+                LinearKind::InOut
+            } else {
+                LinearKind::AsLoaded
+            },
+            elementwise: Elementwise::new(cpu, dtype),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn attention(&self) -> AttentionBackend {
+        self.attention
+    }
+
+    pub fn linear(&self) -> LinearKind {
+        self.linear
+    }
+
+    pub(crate) fn elementwise(&self) -> Elementwise {
+        self.elementwise
+    }
+}
+
+/// `auto` or `kernels` on a GPU: the kernels where the build has them.
+#[cfg(feature = "cuda")]
+fn gpu_attention(_: AttentionChoice) -> Result<AttentionBackend, BackendError> {
+    Ok(AttentionBackend::CudaKernels)
+}
+
+/// `auto` or `kernels` on a GPU in a build without the kernels: `auto` takes the matmul path.
+#[cfg(not(feature = "cuda"))]
+fn gpu_attention(choice: AttentionChoice) -> Result<AttentionBackend, BackendError> {
+    match choice {
+        AttentionChoice::Kernels => Err(BackendError::NoKernels(
+            "this build has no kernels (build with the `cuda` feature)",
+        )),
+        _ => Ok(AttentionBackend::Matmul),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(dtype: Option<DType>, choice: AttentionChoice) -> Result<Backends, BackendError> {
+        Backends::resolve(&Device::Cpu, dtype, choice)
+    }
+
+    #[test]
+    fn the_cpu_defaults_to_f32_and_its_own_attention() {
+        let backends = cpu(None, AttentionChoice::Auto).unwrap();
+        assert_eq!(backends.dtype(), DType::F32);
+        assert_eq!(backends.attention(), AttentionBackend::CpuF32);
+        assert_eq!(backends.linear(), LinearKind::InOut);
+        assert_eq!(backends.elementwise(), Elementwise::CpuF32);
+    }
+
+    /// The in-place CPU attention is f32 only: other dtypes take candle's matmuls.
+    #[test]
+    fn other_cpu_dtypes_use_matmuls() {
+        let backends = cpu(Some(DType::F16), AttentionChoice::Auto).unwrap();
+        assert_eq!(backends.attention(), AttentionBackend::Matmul);
+        assert_eq!(backends.elementwise(), Elementwise::CpuSoftmax);
+        let matmul = cpu(None, AttentionChoice::Matmul).unwrap();
+        assert_eq!(matmul.attention(), AttentionBackend::Matmul);
+    }
+
+    #[test]
+    fn impossible_combinations_are_refused() {
+        assert_eq!(
+            cpu(Some(DType::BF16), AttentionChoice::Auto).unwrap_err(),
+            BackendError::Bf16OnCpu
+        );
+        let error = cpu(None, AttentionChoice::Kernels).unwrap_err();
+        assert!(matches!(error, BackendError::NoKernels(_)), "{error}");
+    }
+}
