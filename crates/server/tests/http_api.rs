@@ -6,10 +6,51 @@ mod common;
 use common::{fixture_data_url, root, sse_data, Server, Wait, MODEL};
 use internvl_server::settings::ServeArgs;
 use serde_json::{json, Value};
+use std::sync::LazyLock;
 use std::time::Duration;
 
-/// The test chat's prompt: 256 image tokens and 21 of template and question.
-const PROMPT_TOKENS: u64 = 256 + 21;
+/// The conversation the test chat sends: case `one_image` of the reference fixtures, written
+/// by `scripts/reference/generate_model.py` (transformers and SentencePiece), with the prompt
+/// ids the reference made of it.
+static REFERENCE: LazyLock<Value> = LazyLock::new(|| {
+    let path = root().join("tests/fixtures/reference/model_cases.json");
+    let fixtures: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    fixtures["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|case| case["name"] == "one_image")
+        .expect("the reference has case one_image")
+        .clone()
+});
+
+/// The reference's prompt ids of the test chat.
+fn reference_ids() -> &'static [Value] {
+    REFERENCE["input_ids"].as_array().unwrap()
+}
+
+/// The test chat's prompt length, as the reference counts it.
+fn prompt_tokens() -> u64 {
+    reference_ids().len() as u64
+}
+
+/// The reference conversation as OpenAI messages, each image as `url(its fixture file)`.
+fn reference_messages(url: impl Fn(&str) -> String) -> Value {
+    let mut messages = REFERENCE["messages"].clone();
+    for message in messages.as_array_mut().unwrap() {
+        let Some(parts) = message["content"].as_array_mut() else {
+            continue;
+        };
+        for part in parts {
+            if part["type"] == "image" {
+                let file = part["file"].as_str().unwrap();
+                *part =
+                    json!({"type": "image_url", "image_url": {"url": url(file), "detail": "low"}});
+            }
+        }
+    }
+    messages
+}
 
 fn image_url(file: &str) -> String {
     fixture_data_url(file, "image/png")
@@ -63,10 +104,7 @@ impl Server {
 fn chat(extra: Value) -> Value {
     let mut body = json!({
         "model": MODEL,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url("model-a.png"), "detail": "low"}},
-            {"type": "text", "text": "描述这张图片"}
-        ]}],
+        "messages": reference_messages(image_url),
         "max_tokens": 8,
         "temperature": 0
     });
@@ -105,7 +143,7 @@ async fn non_streamed_answer_has_every_field() {
         assert_eq!(first["top_logprobs"].as_array().unwrap().len(), 3);
     }
     let usage = &body["usage"];
-    assert_eq!(usage["prompt_tokens"], PROMPT_TOKENS);
+    assert_eq!(usage["prompt_tokens"], prompt_tokens());
     assert_eq!(
         usage["total_tokens"].as_u64().unwrap(),
         usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
@@ -266,14 +304,16 @@ async fn models_tokenize_health_and_request_ids() {
     let (status, t) = s
         .post(
             "/tokenize",
-            json!({"model": MODEL, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "ignored"}},
-            {"type": "text", "text": "描述这张图片"}]}]}),
+            json!({"model": MODEL, "messages": reference_messages(|_| "ignored".into())}),
         )
         .await;
     assert_eq!(status, 200, "{t}");
-    assert_eq!(t["count"], PROMPT_TOKENS);
-    assert_eq!(t["tokens"].as_array().unwrap().len() as u64, PROMPT_TOKENS);
+    assert_eq!(t["count"], prompt_tokens());
+    assert_eq!(
+        t["tokens"].as_array().unwrap(),
+        reference_ids(),
+        "the reference's prompt ids"
+    );
     assert_eq!(t["max_model_len"], 2048);
     let (_, t) = s.post("/tokenize", json!({"prompt": "hello"})).await;
     assert_eq!(t["tokens"][0], 1, "BOS first");
@@ -410,7 +450,7 @@ async fn random_weights_serve_the_configured_model() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["usage"]["prompt_tokens"], PROMPT_TOKENS);
+    assert_eq!(body["usage"]["prompt_tokens"], prompt_tokens());
     assert_eq!(body["usage"]["completion_tokens"], 4);
 
     let missing = dir.path().join("missing.json");
