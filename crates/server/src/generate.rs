@@ -6,13 +6,13 @@ use crate::model_args::ModelArgs;
 use anyhow::{bail, Context};
 use internvl_model::preprocess::preprocess;
 use internvl_model::prompt::{ChatMessage, Part, Role};
-use internvl_scheduler::{
-    Engine, EngineConfig, Event, SamplingParams, StopParams, MAX_TOP_LOGPROBS,
-};
-use internvl_server::runner::{image_inputs, CandleRunner, TokenizerDecoder};
+use internvl_scheduler::{Event, SamplingParams, StopParams, MAX_TOP_LOGPROBS};
+use internvl_server::service::kv_cache::KvCacheSize;
+use internvl_server::service::model::Progress;
+use internvl_server::service::request::{request, Generation, PreparedImage};
+use internvl_server::service::{EngineShape, Service};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BLOCK_SIZE: usize = 16;
@@ -47,7 +47,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let device = args.model.device()?;
+    let source = args.model.source()?;
     if args.model.model.is_none() && args.model.random_weights.is_none() {
         eprintln!(
             "note: no --model given, using the bundled demo checkpoint {} \
@@ -57,11 +57,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
 
     let start = Instant::now();
-    let loaded = args.model.load(&device)?;
+    let loaded = source.load(Progress::Quiet)?;
     let load_time = start.elapsed();
 
     let start = Instant::now();
-    let pixels = args
+    let images = args
         .image
         .iter()
         .map(|path| {
@@ -69,19 +69,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             preprocess(&bytes, &loaded.preprocess)
                 .with_context(|| format!("decoding {}", path.display()))
-                .map(|p| (bytes, p))
+                .map(|p| PreparedImage::new(&bytes, p))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let preprocess_time = start.elapsed();
 
-    let mut parts = vec![Part::Image; pixels.len()];
+    let mut parts = vec![Part::Image; images.len()];
     parts.push(Part::Text(args.prompt.clone()));
     let prompt = loaded.encode_prompt(&[ChatMessage {
         role: Role::User,
         parts,
     }])?;
-    let config = loaded.model.config();
-    let max_len = config.llm.max_position_embeddings;
+    let max_len = loaded.model.config().llm.max_position_embeddings;
     let total = prompt.ids.len() + args.max_tokens;
     if total > max_len {
         bail!(
@@ -90,15 +89,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             args.max_tokens
         );
     }
-    let num_blocks = total.div_ceil(BLOCK_SIZE);
-    let mut engine_config = EngineConfig::new(num_blocks, BLOCK_SIZE, max_len);
-    engine_config.enable_prefix_caching = false;
-    let runner = CandleRunner::new(loaded.model.clone(), num_blocks, BLOCK_SIZE)?;
-    let decoder = Arc::new(TokenizerDecoder(loaded.tokenizer.clone()));
-    let engine = Engine::start(runner, engine_config, decoder).map_err(anyhow::Error::msg)?;
-    let mut stream = engine.submit(internvl_scheduler::Request {
-        images: image_inputs(&prompt, config.num_image_tokens(), pixels),
-        prompt: prompt.ids.clone(),
+    let shape = EngineShape {
+        block_size: BLOCK_SIZE,
+        max_model_len: None,
+        kv_cache: KvCacheSize::Sequences {
+            count: 1,
+            tokens: total,
+            spare_blocks: 0,
+        },
+    };
+    let generation = Generation {
         sampling: SamplingParams {
             temperature: args.temperature,
             seed: args.seed,
@@ -111,9 +111,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ignore_eos: args.ignore_eos,
             ..StopParams::default()
         },
-        skip_special_tokens: true,
         n: 1,
+    };
+    let request = request(&loaded, &prompt, images, generation);
+    let service = Service::start(loaded, &shape, |config| {
+        config.enable_prefix_caching = false;
     })?;
+    let engine = &service.engine;
+    let mut stream = engine.submit(request)?;
 
     let mut stdout = std::io::stdout().lock();
     let mut logprobs = String::new();

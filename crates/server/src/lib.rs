@@ -8,5 +8,6 @@ pub mod loading;
 pub mod metrics;
 pub mod runner;
 pub mod serve;
+pub mod service;
 pub mod settings;
 pub mod state;

@@ -1,9 +1,10 @@
-//! The model a command-line run loads: which weights, on which device, in which precision.
+//! The model a command-line run loads: which weights, on which device, in which precision,
+//! with which attention.
 //! Shared by `generate` and `bench`; `serve` takes the same through its settings.
 
-use internvl_model::LoadedModel;
+use internvl_model::AttentionChoice;
 use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
-use internvl_server::loading::load_model;
+use internvl_server::service::model::ModelSource;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -22,6 +23,10 @@ pub struct ModelArgs {
     /// auto (f32 on CPU, bf16 on CUDA), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Attention: auto (the device's fastest), kernels (the CUDA kernels) or matmul (candle's
+    /// ops everywhere).
+    #[arg(long, env = "INTERNVL_ATTENTION", default_value = "auto")]
+    pub attention: AttentionChoice,
 }
 
 impl ModelArgs {
@@ -30,20 +35,14 @@ impl ModelArgs {
         self.model.clone().unwrap_or_else(demo_model_dir)
     }
 
-    pub fn device(&self) -> anyhow::Result<candle_core::Device> {
-        parse_device(&self.device)
-    }
-
-    /// Loads the model onto `device`.
-    pub fn load(&self, device: &candle_core::Device) -> anyhow::Result<LoadedModel> {
-        let dtype = parse_dtype(&self.dtype)?;
-        load_model(
-            &self.dir(),
-            self.random_weights.as_deref(),
-            device,
-            dtype,
-            internvl_model::AttentionChoice::Auto,
-            None,
-        )
+    /// What to load, the device opened and the names checked.
+    pub fn source(&self) -> anyhow::Result<ModelSource> {
+        Ok(ModelSource {
+            dir: self.dir(),
+            random_weights: self.random_weights.clone(),
+            device: parse_device(&self.device)?,
+            dtype: parse_dtype(&self.dtype)?,
+            attention: self.attention,
+        })
     }
 }

@@ -4,9 +4,9 @@ use candle_core::Tensor;
 use internvl_model::loader::pixel_batch;
 use internvl_model::preprocess::PixelValues;
 use internvl_model::tokenizer::Tokenizer;
-use internvl_model::{EncodedPrompt, InternVlChat, PagedKvCache, SequenceSlice};
+use internvl_model::{InternVlChat, PagedKvCache, SequenceSlice};
 use internvl_scheduler::runner::{ForwardSeq, ModelRunner, RunnerError};
-use internvl_scheduler::{ContentHash, ImageInput, TokenDecoder};
+use internvl_scheduler::TokenDecoder;
 use std::sync::Arc;
 
 /// InternVL with the KV cache the engine's block tables index into.
@@ -94,25 +94,4 @@ impl TokenDecoder for TokenizerDecoder {
     fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
         self.0.decode(ids, skip_special_tokens)
     }
-}
-
-/// The engine's image inputs for an encoded prompt: each image's placeholders, and its pixels
-/// with the SHA-256 of the encoded file, so equal images (and only those) share encoder
-/// outputs and cached blocks.
-pub fn image_inputs(
-    prompt: &EncodedPrompt,
-    tokens_per_image: usize,
-    images: Vec<(Vec<u8>, PixelValues)>,
-) -> Vec<ImageInput<PixelValues>> {
-    prompt
-        .image_offsets
-        .iter()
-        .zip(images)
-        .map(|(&offset, (bytes, pixels))| ImageInput {
-            offset,
-            num_tokens: tokens_per_image,
-            content_hash: ContentHash::of(&bytes),
-            pixels: Arc::new(pixels),
-        })
-        .collect()
 }

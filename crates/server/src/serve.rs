@@ -4,19 +4,15 @@ use crate::api::routes::router;
 use crate::connections::{self, ConnectionLimits, InFlight};
 use crate::device::{parse_device, parse_dtype};
 use crate::images::{ImageFetchConfig, ImageFetcher};
-use crate::loading::load_model;
-use crate::runner::{CandleRunner, TokenizerDecoder};
-use crate::settings::{KvCacheMemory, Settings};
-use crate::state::{AppState, Limits, Ready};
-use anyhow::{bail, Context};
+use crate::service::kv_cache::KvCacheSize;
+use crate::service::model::{ModelSource, Progress};
+use crate::service::{EngineShape, Service};
+use crate::settings::Settings;
+use crate::state::{AppState, Limits};
+use anyhow::Context;
 use internvl_model::preprocess::DecodeLimits;
-use internvl_model::weights::{LoadProgress, ProgressFn};
-use internvl_model::PagedKvCache;
-use internvl_scheduler::{Engine, EngineConfig};
 use std::future::Future;
-use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
@@ -48,9 +44,14 @@ pub fn app_state(settings: &Settings) -> anyhow::Result<Arc<AppState>> {
 }
 
 /// Loads the checkpoint and starts the engine: minutes for the real model.
-pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
-    let device = parse_device(&settings.device)?;
-    let dtype = parse_dtype(&settings.dtype)?;
+pub fn load(settings: &Settings) -> anyhow::Result<Service> {
+    let source = ModelSource {
+        dir: settings.model.clone(),
+        random_weights: settings.random_weights.clone(),
+        device: parse_device(&settings.device)?,
+        dtype: parse_dtype(&settings.dtype)?,
+        attention: settings.attention,
+    };
     if settings.using_demo && settings.random_weights.is_none() {
         tracing::warn!(
             model = %settings.model.display(),
@@ -59,117 +60,34 @@ pub fn load(settings: &Settings) -> anyhow::Result<Ready> {
     }
     let started = Instant::now();
     tracing::info!(model = %settings.model.display(), "loading");
-    let mut loaded = load_model(
-        &settings.model,
-        settings.random_weights.as_deref(),
-        &device,
-        dtype,
-        internvl_model::AttentionChoice::Auto,
-        Some(load_progress()),
-    )?;
-    if std::io::stderr().is_terminal() {
-        eprintln!();
-    }
+    let mut loaded = source.load(Progress::Shown)?;
     loaded.preprocess.limits = DecodeLimits {
         max_pixels: settings.max_image_pixels,
         max_bytes: settings.max_image_bytes,
     };
-    let config = loaded.model.config();
-    let positions = config.llm.max_position_embeddings;
-    let max_model_len = settings.max_model_len.unwrap_or(positions);
-    if max_model_len > positions {
-        bail!("max_model_len {max_model_len} exceeds the model's {positions} positions");
-    }
-    let block_size = settings.block_size;
-    let per_block = PagedKvCache::bytes_per_block(&config.llm, block_size, loaded.model.dtype());
-    // Saturating: both are settings, and any product past usize::MAX caps nothing.
-    let useful = settings
-        .max_num_seqs
-        .saturating_mul(max_model_len.div_ceil(block_size));
-    // 30 GiB leaves an 80 GB GPU room for V1.1's 38 GB of weights and activations.
-    let kv_bytes = match settings.kv_cache_memory {
-        Some(KvCacheMemory::Bytes(bytes)) => bytes,
-        Some(KvCacheMemory::Fraction(fraction)) => {
-            (available_memory(&device)? as f64 * fraction) as u64
-        }
-        None if device.is_cpu() => 1 << 30,
-        None => 30 << 30,
+    let shape = EngineShape {
+        block_size: settings.block_size,
+        max_model_len: settings.max_model_len,
+        kv_cache: KvCacheSize::Memory {
+            budget: settings.kv_cache_memory,
+            max_num_seqs: settings.max_num_seqs,
+        },
     };
-    let num_blocks = ((kv_bytes / per_block as u64) as usize).min(useful);
-    if num_blocks < max_model_len.div_ceil(block_size) {
-        bail!(
-            "kv_cache_memory ({} bytes) holds {num_blocks} blocks of {block_size} tokens, less \
-             than one sequence of max_model_len {max_model_len}: raise kv_cache_memory or lower \
-             max_model_len",
-            kv_bytes
-        );
-    }
-    let mut engine_config = EngineConfig::new(num_blocks, block_size, max_model_len);
-    engine_config.max_num_seqs = settings.max_num_seqs;
-    engine_config.max_num_batched_tokens = settings.max_num_batched_tokens;
-    engine_config.enable_prefix_caching = settings.enable_prefix_caching;
-    engine_config.max_images_per_step = settings.max_images_per_step;
-    engine_config.max_buffered_output_bytes = settings.max_buffered_output_bytes;
-    let runner = CandleRunner::new(loaded.model.clone(), num_blocks, block_size)?;
-    let decoder = Arc::new(TokenizerDecoder(loaded.tokenizer.clone()));
-    let engine = Engine::start(runner, engine_config, decoder).map_err(anyhow::Error::msg)?;
+    let service = Service::start(loaded, &shape, |config| {
+        config.max_num_seqs = settings.max_num_seqs;
+        config.max_num_batched_tokens = settings.max_num_batched_tokens;
+        config.enable_prefix_caching = settings.enable_prefix_caching;
+        config.max_images_per_step = settings.max_images_per_step;
+        config.max_buffered_output_bytes = settings.max_buffered_output_bytes;
+    })?;
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
-        kv_blocks = num_blocks,
-        kv_bytes = num_blocks * per_block,
-        max_model_len,
+        kv_blocks = service.kv_cache.num_blocks(),
+        kv_bytes = service.kv_cache.bytes(),
+        max_model_len = service.max_model_len,
         "model ready"
     );
-    Ok(Ready {
-        loaded,
-        engine,
-        max_model_len,
-    })
-}
-
-/// Memory the KV cache could take now (the weights already loaded): the GPU's free memory on
-/// CUDA, the system's available memory on CPU.
-fn available_memory(device: &candle_core::Device) -> anyhow::Result<u64> {
-    if !device.is_cpu() {
-        let (free, _total) = crate::device::memory_info(device).context(
-            "could not read the device's free memory for kv_cache_memory as a fraction: give \
-             bytes, e.g. 30GiB",
-        )?;
-        return Ok(free as u64);
-    }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .context("no MemAvailable in /proc/meminfo")
-}
-
-/// Shows loading progress: a live line on a terminal, a log line every few seconds otherwise.
-fn load_progress() -> ProgressFn {
-    let terminal = std::io::stderr().is_terminal();
-    let last = Mutex::new(Instant::now());
-    Box::new(move |p: &LoadProgress| {
-        let gb = p.bytes as f64 / 1e9;
-        if terminal {
-            eprint!(
-                "\rloading: shard {}/{}, {} tensors, {gb:.2} GB",
-                p.shards_opened, p.shards, p.tensors
-            );
-        } else if let Ok(mut last) = last.lock() {
-            if last.elapsed() >= Duration::from_secs(5) {
-                *last = Instant::now();
-                tracing::info!(
-                    shards_opened = p.shards_opened,
-                    shards = p.shards,
-                    tensors = p.tensors,
-                    gigabytes = gb,
-                    "loading"
-                );
-            }
-        }
-    })
+    Ok(service)
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: the port stays open and

@@ -4,6 +4,7 @@
 //! variable, its config-file key (the flag's name with underscores) and the merge.
 
 use anyhow::{bail, Context};
+use internvl_model::AttentionChoice;
 use internvl_scheduler::config::DEFAULT_MAX_BUFFERED_OUTPUT_BYTES;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,9 @@ settings! {
     device: String, env = "INTERNVL_DEVICE";
     /// auto, f32, bf16 or f16 [default: auto: f32 on CPU, bf16 on CUDA].
     dtype: String, env = "INTERNVL_DTYPE";
+    /// Attention: auto (the device's fastest), kernels (the CUDA kernels) or matmul (candle's
+    /// ops everywhere) [default: auto].
+    attention: String, env = "INTERNVL_ATTENTION";
     /// Most sequences in one engine step [default: 256].
     max_num_seqs: usize, env = "INTERNVL_MAX_NUM_SEQS";
     /// Most tokens in one engine step [default: 2048].
@@ -131,6 +135,7 @@ pub struct Settings {
     pub port: u16,
     pub device: String,
     pub dtype: String,
+    pub attention: AttentionChoice,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub max_model_len: Option<usize>,
@@ -198,6 +203,12 @@ impl Settings {
             port: a.port.unwrap_or(8000),
             device: a.device.unwrap_or_else(|| "cpu".into()),
             dtype: a.dtype.unwrap_or_else(|| "auto".into()),
+            attention: a
+                .attention
+                .as_deref()
+                .unwrap_or("auto")
+                .parse()
+                .context("attention")?,
             max_num_seqs: positive("max_num_seqs", a.max_num_seqs.unwrap_or(256))?,
             max_num_batched_tokens: positive(
                 "max_num_batched_tokens",

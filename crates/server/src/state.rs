@@ -1,21 +1,25 @@
 //! What every handler shares: the model once loaded, the engine, limits and metrics.
 
-use crate::api::error::ApiError;
 use crate::images::ImageFetcher;
 use crate::metrics::Metrics;
-use axum::http::StatusCode;
-use internvl_model::preprocess::PixelValues;
-use internvl_model::LoadedModel;
-use internvl_scheduler::Engine;
+use crate::service::Service;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The model and the engine serving it, available once loading is done.
-pub struct Ready {
-    pub loaded: LoadedModel,
-    pub engine: Engine<PixelValues>,
-    pub max_model_len: usize,
+/// Why a request cannot go on now; the API answers each with its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    ShuttingDown,
+    /// The reason is in the log only: it names files of the host.
+    LoadFailed,
+    Loading,
+    /// Every place among the admitted requests is taken.
+    QueueFull,
+    /// Images of other requests hold all the memory set aside for images.
+    ImageMemoryFull,
+    /// Tokenization panicked: a failure of ours, with its detail for the log.
+    TokenizerCrashed(String),
 }
 
 /// Request limits.
@@ -37,7 +41,8 @@ pub struct Limits {
 
 pub struct AppState {
     pub model_name: String,
-    pub ready: OnceLock<Ready>,
+    /// The model and its engine, once loading is done.
+    pub ready: OnceLock<Service>,
     /// Set when the model failed to load. The reason goes to the log only: it names files of
     /// the host and may carry a backtrace, which clients must not see.
     pub failed: OnceLock<()>,
@@ -116,29 +121,25 @@ impl AppState {
         }
     }
 
-    /// The model, or why requests cannot be served now (503).
-    pub fn ready(&self) -> Result<&Ready, ApiError> {
+    /// The model, or why requests cannot be served now.
+    pub fn ready(&self) -> Result<&Service, Refusal> {
         if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(ApiError::unavailable("The server is shutting down"));
+            return Err(Refusal::ShuttingDown);
         }
         if self.failed.get().is_some() {
-            return Err(ApiError::unavailable(
-                "The model failed to load; the reason is in the server's log",
-            ));
+            return Err(Refusal::LoadFailed);
         }
-        self.ready
-            .get()
-            .ok_or_else(|| ApiError::unavailable("The model is still loading"))
+        self.ready.get().ok_or(Refusal::Loading)
     }
 
-    /// Admits one more request, or refuses it at once when the queue is full (429).
-    pub fn admit(self: &Arc<Self>) -> Result<Admission, ApiError> {
+    /// Admits one more request, or refuses it at once when the queue is full.
+    pub fn admit(self: &Arc<Self>) -> Result<Admission, Refusal> {
         let limit = self.limits.max_active_requests;
         self.active
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < limit).then_some(n + 1)
             })
-            .map_err(|_| ApiError::queue_full())?;
+            .map_err(|_| Refusal::QueueFull)?;
         Ok(Admission {
             state: self.clone(),
         })
@@ -147,16 +148,20 @@ impl AppState {
     /// Runs `work` (tokenization: up to a second of CPU for the longest prompts) on the
     /// blocking pool, a bounded number at a time, so that the async workers keep answering
     /// every other route meanwhile.
-    pub async fn tokenize<T: Send + 'static>(
+    pub async fn tokenize<T, E>(
         self: &Arc<Self>,
-        work: impl FnOnce(&Ready) -> Result<T, ApiError> + Send + 'static,
-    ) -> Result<T, ApiError> {
+        work: impl FnOnce(&Service) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<Refusal> + Send + 'static,
+    {
         let slot = self
             .tokenize_slots
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| ApiError::unavailable("The server is shutting down"))?;
+            .map_err(|_| Refusal::ShuttingDown)?;
         let state = self.clone();
         // The slot goes with the work: a client that leaves cannot free it while it runs.
         tokio::task::spawn_blocking(move || {
@@ -164,14 +169,14 @@ impl AppState {
             work(state.ready()?)
         })
         .await
-        .map_err(|e| ApiError::internal(format!("tokenization crashed: {e}")))?
+        .map_err(|e| Refusal::TokenizerCrashed(e.to_string()))?
     }
 
     /// Reserves `bytes` of image memory (fetched files, and pixels held until the request
-    /// ends) among all requests, or refuses at once with 429 when the rest is reserved, as
+    /// ends) among all requests, or refuses at once when the rest is reserved, as
     /// [`AppState::admit`] does when the queue is full. A reservation larger than the whole
     /// budget takes the whole budget: such a request runs when no other holds image memory.
-    pub fn reserve_image_memory(&self, bytes: usize) -> Result<ImageReservation, ApiError> {
+    pub fn reserve_image_memory(&self, bytes: usize) -> Result<ImageReservation, Refusal> {
         let kib = bytes.div_ceil(1024).min(self.image_memory_kib);
         if kib == 0 {
             return Ok(ImageReservation { permit: None });
@@ -181,14 +186,7 @@ impl AppState {
             .image_memory
             .clone()
             .try_acquire_many_owned(permits)
-            .map_err(|_| ApiError {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                retry_after: Some(1),
-                ..ApiError::bad_request(
-                    "The server is at capacity: images of other requests take all the memory \
-                     set aside for images; retry shortly",
-                )
-            })?;
+            .map_err(|_| Refusal::ImageMemoryFull)?;
         Ok(ImageReservation {
             permit: Some(permit),
         })
@@ -227,8 +225,7 @@ mod tests {
         let s = state(4 << 10);
         let mut first = s.reserve_image_memory(3000).unwrap();
         let refused = s.reserve_image_memory(2 << 10).err().unwrap();
-        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(refused.retry_after, Some(1));
+        assert_eq!(refused, Refusal::ImageMemoryFull);
         first.shrink_to(1000);
         let second = s.reserve_image_memory(2 << 10).unwrap();
         assert!(s.reserve_image_memory(2 << 10).is_err());

@@ -5,22 +5,21 @@
 use candle_core::Device;
 use internvl_model::preprocess::{preprocess, PixelValues};
 use internvl_model::prompt::{ChatMessage, Part, Role};
-use internvl_model::LoadedModel;
+use internvl_model::{AttentionChoice, LoadedModel};
 use internvl_scheduler::output::channel;
 use internvl_scheduler::scheduler::Scheduler;
 use internvl_scheduler::{
-    ContentHash, EngineConfig, Event, ImageInput, Request, RequestStream, SamplingParams,
-    StopParams, TokenDecoder,
+    EngineConfig, Event, Request, RequestStream, SamplingParams, StopParams, TokenDecoder,
 };
 use internvl_server::runner::{CandleRunner, TokenizerDecoder};
+use internvl_server::service;
+use internvl_server::service::kv_cache::KvCacheSize;
+use internvl_server::service::model::{ModelSource, Progress};
+use internvl_server::service::request::{Generation, PreparedImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::sync::Arc;
-
-fn cpu_backends() -> internvl_model::Backends {
-    internvl_model::Backends::resolve(&Device::Cpu, None, Default::default()).unwrap()
-}
 
 const BLOCK_SIZE: usize = 16;
 const MAX_TOKENS: usize = 24;
@@ -31,12 +30,18 @@ fn root() -> &'static Path {
 
 struct Fixture {
     loaded: LoadedModel,
-    images: Vec<(ContentHash, Arc<PixelValues>)>,
+    images: Vec<PreparedImage>,
 }
 
 fn fixture() -> Fixture {
-    let loaded =
-        LoadedModel::load(&root().join("models/demo-internvl"), &cpu_backends()).unwrap();
+    let source = ModelSource {
+        dir: root().join("models/demo-internvl"),
+        random_weights: None,
+        device: Device::Cpu,
+        dtype: None,
+        attention: AttentionChoice::Auto,
+    };
+    let loaded = source.load(Progress::Quiet).unwrap();
     let images = [
         "model-a.png",
         "model-b.png",
@@ -46,10 +51,7 @@ fn fixture() -> Fixture {
     .iter()
     .map(|f| {
         let bytes = std::fs::read(root().join("tests/fixtures/images").join(f)).unwrap();
-        (
-            ContentHash::of(&bytes),
-            Arc::new(preprocess(&bytes, &loaded.preprocess).unwrap()),
-        )
+        PreparedImage::new(&bytes, preprocess(&bytes, &loaded.preprocess).unwrap())
     })
     .collect();
     Fixture { loaded, images }
@@ -104,30 +106,18 @@ fn user(images: usize, text: &str) -> ChatMessage {
 
 fn request(f: &Fixture, messages: &[ChatMessage], images: &[usize]) -> Request<PixelValues> {
     let prompt = f.loaded.encode_prompt(messages).unwrap();
-    let tokens = f.loaded.model.config().num_image_tokens();
     assert_eq!(prompt.image_offsets.len(), images.len());
-    Request {
-        images: prompt
-            .image_offsets
-            .iter()
-            .zip(images)
-            .map(|(&offset, &img)| ImageInput {
-                offset,
-                num_tokens: tokens,
-                content_hash: f.images[img].0,
-                pixels: f.images[img].1.clone(),
-            })
-            .collect(),
-        prompt: prompt.ids,
+    let images = images.iter().map(|&img| f.images[img].clone()).collect();
+    let generation = Generation {
         sampling: SamplingParams::default(),
         stop: StopParams {
             max_tokens: MAX_TOKENS,
             eos_token_id: Some(f.loaded.tokenizer.eos_id()),
             ..StopParams::default()
         },
-        skip_special_tokens: true,
         n: 1,
-    }
+    };
+    service::request::request(&f.loaded, &prompt, images, generation)
 }
 
 fn tokens(rx: &mut RequestStream) -> Vec<u32> {
@@ -142,14 +132,27 @@ fn tokens(rx: &mut RequestStream) -> Vec<u32> {
     panic!("request did not finish");
 }
 
-fn decoder(f: &Fixture) -> Arc<dyn TokenDecoder> {
-    Arc::new(TokenizerDecoder(f.loaded.tokenizer.clone()))
-}
-
-fn scheduler(f: &Fixture, config: &EngineConfig) -> Scheduler<CandleRunner> {
-    let runner =
-        CandleRunner::new(f.loaded.model.clone(), config.num_blocks, config.block_size).unwrap();
-    Scheduler::new(runner, config.clone(), decoder(f))
+/// A scheduler over the demo model whose KV cache holds `blocks` blocks, configured by
+/// `tune`.
+fn scheduler(
+    f: &Fixture,
+    blocks: usize,
+    tune: impl FnOnce(&mut EngineConfig),
+) -> Scheduler<CandleRunner> {
+    let max_len = f.loaded.model.config().llm.max_position_embeddings;
+    let layout = KvCacheSize::Blocks(blocks)
+        .layout(
+            &f.loaded.model.config().llm,
+            f.loaded.model.device(),
+            f.loaded.model.dtype(),
+            BLOCK_SIZE,
+            max_len,
+        )
+        .unwrap();
+    let (mut config, runner) = layout.parts(&f.loaded, max_len).unwrap();
+    tune(&mut config);
+    let decoder: Arc<dyn TokenDecoder> = Arc::new(TokenizerDecoder(f.loaded.tokenizer.clone()));
+    Scheduler::new(runner, config, decoder)
 }
 
 #[test]
@@ -157,11 +160,8 @@ fn each_request_yields_what_it_yields_alone() {
     let f = fixture();
     let mut rng = StdRng::seed_from_u64(11);
     let convs = conversations(&mut rng, f.images.len());
-    let max_len = f.loaded.model.config().llm.max_position_embeddings;
 
-    let mut alone_config = EngineConfig::new(64, BLOCK_SIZE, max_len);
-    alone_config.enable_prefix_caching = false;
-    let mut alone = scheduler(&f, &alone_config);
+    let mut alone = scheduler(&f, 64, |config| config.enable_prefix_caching = false);
     let expected: Vec<Vec<u32>> = convs
         .iter()
         .map(|(m, imgs)| {
@@ -176,11 +176,11 @@ fn each_request_yields_what_it_yields_alone() {
 
     // (prefix caching, blocks, token budget): roomy; preempting; preempting with small chunks.
     for (prefix, blocks, budget) in [(true, 1200, 2048), (false, 40, 2048), (true, 40, 300)] {
-        let mut config = EngineConfig::new(blocks, BLOCK_SIZE, max_len);
-        config.enable_prefix_caching = prefix;
-        config.max_num_batched_tokens = budget;
-        config.max_images_per_step = 3;
-        let mut s = scheduler(&f, &config);
+        let mut s = scheduler(&f, blocks, |config| {
+            config.enable_prefix_caching = prefix;
+            config.max_num_batched_tokens = budget;
+            config.max_images_per_step = 3;
+        });
         let mut arrivals: Vec<usize> = (0..convs.len()).map(|_| rng.random_range(0..12)).collect();
         arrivals.sort();
         let mut streams = Vec::new();

@@ -6,17 +6,19 @@ use super::openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs,
     ChunkChoice, Delta, PromptTokensDetails, ResponseMessage, TokenLogprob, TopLogprob, Usage,
 };
+use super::request_id::random_id;
 use super::validate::{check_model, submit_error, validate_chat, ChatPlan, Rules};
-use crate::runner::image_inputs;
-use crate::state::{Admission, AppState, ImageReservation, Ready};
+use crate::service::request::{image_inputs, request, Generation, PreparedImage};
+use crate::service::Service;
+use crate::state::{Admission, AppState, ImageReservation};
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
-use internvl_model::preprocess::{preprocess, PixelValues};
+use internvl_model::preprocess::preprocess;
 use internvl_model::tokenizer::Tokenizer;
-use internvl_scheduler::{Event, FinishReason, Request, RequestStream, Usage as EngineUsage};
+use internvl_scheduler::{Event, FinishReason, RequestStream, Usage as EngineUsage};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -60,19 +62,17 @@ pub async fn chat_completions(
                 .map_err(|e| ApiError::invalid("messages", e.to_string()))
         })
         .await?;
-    let mut request = Request {
-        images: Vec::new(),
-        prompt: prompt.ids.clone(),
+    let generation = Generation {
         sampling: plan.sampling.clone(),
         stop: plan.stop_for(prompt.ids.len(), ready.max_model_len),
-        skip_special_tokens: true,
         n: plan.n,
     };
+    // Checked before the images are fetched: the images change none of the engine's rules.
+    let mut request = request(&ready.loaded, &prompt, Vec::new(), generation);
     ready.engine.validate(&request).map_err(submit_error)?;
     let (images, mut reservation) = load_images(&state, ready, &plan.image_urls).await?;
     let num_images = images.len();
-    let tokens_per_image = ready.loaded.model.config().num_image_tokens();
-    request.images = image_inputs(&prompt, tokens_per_image, images);
+    request.images = image_inputs(&ready.loaded, &prompt, images);
     // The files are hashed and gone: only the pixels are held from here on.
     reservation.shrink_to(num_images.saturating_mul(pixel_bytes(ready)));
     let events = ready.engine.submit(request).map_err(submit_error)?;
@@ -98,7 +98,7 @@ pub async fn chat_completions(
 }
 
 /// Bytes of one image's pixels as the model takes them: 3 channels of f32.
-fn pixel_bytes(ready: &Ready) -> usize {
+fn pixel_bytes(ready: &Service) -> usize {
     let side = ready.loaded.preprocess.image_size as usize;
     side.saturating_mul(side)
         .saturating_mul(3 * std::mem::size_of::<f32>())
@@ -123,9 +123,9 @@ fn file_bound(url: &str, max_bytes: usize) -> usize {
 /// with the reservation cut to what the files and pixels take.
 async fn load_images(
     state: &Arc<AppState>,
-    ready: &Ready,
+    ready: &Service,
     urls: &[String],
-) -> Result<(Vec<(Vec<u8>, PixelValues)>, ImageReservation), ApiError> {
+) -> Result<(Vec<PreparedImage>, ImageReservation), ApiError> {
     let pixels = pixel_bytes(ready);
     let max_file = ready.loaded.preprocess.limits.max_bytes;
     let worst = urls
@@ -159,17 +159,21 @@ async fn load_images(
                 .map_err(|_| ApiError::unavailable("The server is shutting down"))?;
             let started = Instant::now();
             // The slot goes with the decode: a client that leaves cannot free it while it runs.
-            let (bytes, result) = tokio::task::spawn_blocking(move || {
+            // Hashed there too, after the decode is timed: SHA-256 of a large file is
+            // milliseconds of CPU.
+            let (result, decoded) = tokio::task::spawn_blocking(move || {
                 let _slot = slot;
                 let result = preprocess(&bytes, &config);
-                (bytes, result)
+                let decoded = started.elapsed();
+                (
+                    result.map(|pixels| PreparedImage::new(&bytes, pixels)),
+                    decoded,
+                )
             })
             .await
             .map_err(|e| ApiError::internal(format!("image preprocessing crashed: {e}")))?;
-            state.metrics.observe_preprocess(started.elapsed());
-            let pixels =
-                result.map_err(|e| ApiError::invalid("messages", format!("image {i}: {e}")))?;
-            Ok::<_, ApiError>((bytes, pixels))
+            state.metrics.observe_preprocess(decoded);
+            result.map_err(|e| ApiError::invalid("messages", format!("image {i}: {e}")))
         }
     });
     let images = futures_util::future::try_join_all(jobs).await?;
@@ -475,9 +479,4 @@ fn stream_reply(
         }
     });
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
-}
-
-/// A random hex string for response ids.
-pub fn random_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
 }

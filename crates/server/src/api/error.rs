@@ -1,7 +1,8 @@
 //! Errors as OpenAI sends them: `{"error": {"message", "type", "param", "code"}}` with the
 //! status the SDKs map to their exception types.
 
-use super::middleware::current_request_id;
+use super::request_id::current_request_id;
+use crate::state::Refusal;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -128,6 +129,30 @@ impl ApiError {
     }
 }
 
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::ShuttingDown => ApiError::unavailable("The server is shutting down"),
+            Refusal::LoadFailed => {
+                ApiError::unavailable("The model failed to load; the reason is in the server's log")
+            }
+            Refusal::Loading => ApiError::unavailable("The model is still loading"),
+            Refusal::QueueFull => ApiError::queue_full(),
+            Refusal::ImageMemoryFull => ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                retry_after: Some(1),
+                ..ApiError::bad_request(
+                    "The server is at capacity: images of other requests take all the memory \
+                     set aside for images; retry shortly",
+                )
+            },
+            Refusal::TokenizerCrashed(detail) => {
+                ApiError::internal(format!("tokenization crashed: {detail}"))
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
@@ -137,5 +162,17 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_image_memory_is_a_429_to_retry_shortly() {
+        let refused = ApiError::from(Refusal::ImageMemoryFull);
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.retry_after, Some(1));
     }
 }

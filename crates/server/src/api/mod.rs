@@ -5,5 +5,6 @@ pub mod error;
 pub mod extract;
 pub mod middleware;
 pub mod openai;
+pub mod request_id;
 pub mod routes;
 pub mod validate;

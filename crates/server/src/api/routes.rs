@@ -3,8 +3,9 @@
 use super::chat::chat_completions;
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::middleware::{authenticate, body_limits, count_http, request_id};
+use super::middleware::{authenticate, body_limits, count_http};
 use super::openai::{ModelCard, ModelList, TokenizeRequest, TokenizeResponse};
+use super::request_id::request_id;
 use super::validate::{check_model, check_prompt_bytes, convert_messages};
 use crate::state::AppState;
 use axum::extract::{DefaultBodyLimit, State};
@@ -69,7 +70,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// 200 once the model is loaded; 503 while loading, after a failed load, and while draining.
 async fn health(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
-    state.ready().map(|_| "ok")
+    state.ready().map(|_| "ok").map_err(ApiError::from)
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList>, ApiError> {

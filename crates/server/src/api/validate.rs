@@ -186,7 +186,7 @@ fn sampling(req: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
             })?;
             Ok((id, bias))
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, ApiError>>()?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => {
             return Err(ApiError::invalid(

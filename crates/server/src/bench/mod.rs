@@ -25,12 +25,12 @@ use crate::model_args::ModelArgs;
 use anyhow::{bail, Context};
 use gpu_memory::MemorySampler;
 use internvl_model::preprocess::preprocess;
-use internvl_scheduler::ContentHash;
+use internvl_server::service::model::Progress;
+use internvl_server::service::request::PreparedImage;
 use phases::{chat_prompt, default_images, Bench};
 use serde_json::json;
 use stats::{mib, push, round};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// What each reported number means; also written to the JSON.
@@ -118,11 +118,11 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let device = args.model.device()?;
-    let memory = MemorySampler::start(&device);
+    let source = args.model.source()?;
+    let memory = MemorySampler::start(&source.device);
     let dir = args.model.dir();
     let load_started = Instant::now();
-    let loaded = args.model.load(&device)?;
+    let loaded = source.load(Progress::Quiet)?;
     let load_s = load_started.elapsed().as_secs_f64();
     let image_files = if args.image.is_empty() {
         default_images()?
@@ -135,7 +135,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
             let pixels = preprocess(&bytes, &loaded.preprocess)
                 .with_context(|| format!("decoding {}", f.display()))?;
-            Ok((ContentHash::of(&bytes), Arc::new(pixels)))
+            Ok(PreparedImage::new(&bytes, pixels))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     if images.is_empty() {

@@ -10,13 +10,12 @@ use internvl_model::loader::pixel_batch;
 use internvl_model::preprocess::PixelValues;
 use internvl_model::prompt::{ChatMessage, Part, Role};
 use internvl_model::{EncodedPrompt, LoadedModel};
-use internvl_scheduler::{
-    ContentHash, Engine, EngineConfig, Event, ImageInput, Request, SamplingParams, StopParams,
-};
-use internvl_server::runner::{CandleRunner, TokenizerDecoder};
+use internvl_scheduler::{ContentHash, Engine, EngineConfig, Event, SamplingParams, StopParams};
+use internvl_server::service::kv_cache::KvCacheSize;
+use internvl_server::service::request::{request, Generation, PreparedImage};
+use internvl_server::service::{start_engine, EngineShape};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The question when no `--prompt-tokens` is given (311 prompt tokens with the demo tokenizer).
@@ -42,8 +41,8 @@ struct ChatTrace {
 pub(super) struct Bench<'a> {
     pub(super) args: &'a BenchArgs,
     pub(super) loaded: &'a LoadedModel,
-    /// Content hash and pixels of each image.
-    pub(super) images: Vec<(ContentHash, Arc<PixelValues>)>,
+    /// The images, used in turn by the chats.
+    pub(super) images: Vec<PreparedImage>,
     /// Distinct content hashes for chats while caching is off.
     pub(super) next_hash: u64,
     pub(super) memory: Option<MemorySampler>,
@@ -75,18 +74,24 @@ impl Bench<'_> {
         if per_seq > max_len {
             bail!("prompt + max tokens = {per_seq} exceeds the model's {max_len} positions");
         }
-        let block_size = self.args.block_size;
-        let num_blocks = seqs * per_seq.div_ceil(block_size) + 1;
-        let mut config = EngineConfig::new(num_blocks, block_size, max_len);
-        config.max_num_batched_tokens = self.args.max_num_batched_tokens;
-        config.enable_prefix_caching = self.args.caching;
-        if !self.args.caching {
-            config.encoder_cache_bytes = 0;
-        }
-        let runner = CandleRunner::new(self.loaded.model.clone(), num_blocks, block_size)
-            .context("allocating the KV cache")?;
-        let decoder = Arc::new(TokenizerDecoder(self.loaded.tokenizer.clone()));
-        Engine::start(runner, config, decoder).map_err(anyhow::Error::msg)
+        let shape = EngineShape {
+            block_size: self.args.block_size,
+            max_model_len: None,
+            kv_cache: KvCacheSize::Sequences {
+                count: seqs,
+                tokens: per_seq,
+                spare_blocks: 1,
+            },
+        };
+        let tune = |config: &mut EngineConfig| {
+            config.max_num_batched_tokens = self.args.max_num_batched_tokens;
+            config.enable_prefix_caching = self.args.caching;
+            if !self.args.caching {
+                config.encoder_cache_bytes = 0;
+            }
+        };
+        let (engine, _, _) = start_engine(self.loaded, &shape, tune, |_, runner| runner)?;
+        Ok(engine)
     }
 
     /// Submits `count` chats at once and waits for all of them.
@@ -97,25 +102,14 @@ impl Bench<'_> {
         count: usize,
         max_tokens: usize,
     ) -> anyhow::Result<Vec<ChatTrace>> {
-        let tokens_per_image = self.loaded.model.config().num_image_tokens();
         let mut streams = Vec::with_capacity(count);
         for i in 0..count {
-            let (hash, pixels) = &self.images[i % self.images.len()];
+            let mut image = self.images[i % self.images.len()].clone();
             self.next_hash += 1;
-            let content_hash = if self.args.caching {
-                *hash
-            } else {
-                ContentHash::of(&self.next_hash.to_le_bytes())
-            };
-            let submitted = Instant::now();
-            let stream = engine.submit(Request {
-                prompt: prompt.ids.clone(),
-                images: vec![ImageInput {
-                    offset: prompt.image_offsets[0],
-                    num_tokens: tokens_per_image,
-                    content_hash,
-                    pixels: pixels.clone(),
-                }],
+            if !self.args.caching {
+                image.content_hash = ContentHash::of(&self.next_hash.to_le_bytes());
+            }
+            let generation = Generation {
                 sampling: SamplingParams::default(),
                 stop: StopParams {
                     max_tokens,
@@ -123,9 +117,10 @@ impl Bench<'_> {
                     ignore_eos: true,
                     ..StopParams::default()
                 },
-                skip_special_tokens: true,
                 n: 1,
-            })?;
+            };
+            let submitted = Instant::now();
+            let stream = engine.submit(request(self.loaded, prompt, vec![image], generation))?;
             streams.push((submitted, stream));
         }
         let waiters: Vec<_> = streams
@@ -184,7 +179,7 @@ impl Bench<'_> {
         }
         let model = self.loaded.model.clone();
         let pixels: Vec<&PixelValues> = (0..batch)
-            .map(|i| self.images[i % self.images.len()].1.as_ref())
+            .map(|i| self.images[i % self.images.len()].pixels.as_ref())
             .collect();
         let input = pixel_batch(&pixels, model.device())?;
         let device = model.device();

@@ -8,13 +8,16 @@
 #![allow(dead_code)]
 
 use base64::Engine as _;
-use internvl_model::LoadedModel;
-use internvl_scheduler::{Engine, EngineConfig, ForwardSeq, ModelRunner, RunnerError};
+use internvl_model::{AttentionChoice, LoadedModel};
+use internvl_scheduler::{ForwardSeq, ModelRunner, RunnerError};
 use internvl_server::api::routes::router;
-use internvl_server::runner::{CandleRunner, TokenizerDecoder};
+use internvl_server::runner::CandleRunner;
 use internvl_server::serve::{app_state, serve};
+use internvl_server::service::kv_cache::KvCacheSize;
+use internvl_server::service::model::{ModelSource, Progress};
+use internvl_server::service::{EngineShape, Service};
 use internvl_server::settings::{ServeArgs, Settings};
-use internvl_server::state::{AppState, Ready};
+use internvl_server::state::AppState;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +38,17 @@ pub fn root() -> PathBuf {
 /// The demo checkpoint's directory.
 pub fn demo_model() -> PathBuf {
     root().join("models/demo-internvl")
+}
+
+/// The demo checkpoint on the CPU, in its default precision.
+pub fn demo_source() -> ModelSource {
+    ModelSource {
+        dir: demo_model(),
+        random_weights: None,
+        device: candle_core::Device::Cpu,
+        dtype: None,
+        attention: AttentionChoice::Auto,
+    }
 }
 
 /// A base64 `data:` URL of `bytes` as `media_type`.
@@ -295,20 +309,13 @@ where
     R: ModelRunner<Pixels = <CandleRunner as ModelRunner>::Pixels, ImageEmbeds = Embeds>,
 {
     let state = demo_state();
-    let cpu = &candle_core::Device::Cpu;
-    let backends = internvl_model::Backends::resolve(cpu, None, Default::default()).unwrap();
-    let loaded = LoadedModel::load(&demo_model(), &backends).unwrap();
-    let block_size = 16;
-    let inner = CandleRunner::new(loaded.model.clone(), blocks, block_size).unwrap();
-    let runner = runner(&loaded, inner);
-    let decoder = Arc::new(TokenizerDecoder(loaded.tokenizer.clone()));
-    let config = EngineConfig::new(blocks, block_size, 1024);
-    let engine = Engine::start(runner, config, decoder).unwrap();
-    let ready = Ready {
-        loaded,
-        engine,
-        max_model_len: 1024,
+    let loaded = demo_source().load(Progress::Quiet).unwrap();
+    let shape = EngineShape {
+        block_size: 16,
+        max_model_len: Some(1024),
+        kv_cache: KvCacheSize::Blocks(blocks),
     };
+    let ready = Service::start_with(loaded, &shape, |_| {}, runner).unwrap();
     assert!(state.ready.set(ready).is_ok());
     let base = serve_app(router(state.clone())).await;
     (base, state)
