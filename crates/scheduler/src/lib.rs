@@ -2,6 +2,14 @@
 //! image-aware prefix and encoder caching, per-request sampling, and cancellation.
 //!
 //! Model-agnostic: it drives the model through [`ModelRunner`].
+//!
+//! The step, as vLLM v1's core: `policy` decides which sequences run and how many tokens each
+//! (a typed plan), asking `kv_cache_manager` for blocks (it owns the `block_pool` and the
+//! prefix cache of `prefix_hash`); `image_encoding` fills the plan's images from the
+//! `encoder_cache` or the vision encoder; the runner's forward gives logits, which
+//! `output_processor` turns into tokens (`sampling`), stops (`stop`), text (`detokenizer`) and
+//! events (`output`); `scheduler` ties one step together and [`Engine`] runs steps on their
+//! own thread. A request is checked once, by `validation`, before it is queued.
 
 mod block_pool;
 pub mod config;

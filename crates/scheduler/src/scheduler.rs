@@ -2,7 +2,7 @@
 //! part, run one forward (retried in parts when it fails, to pin the failure on its
 //! sequences), and hand the logits to output processing.
 //!
-//! The parts: `policy` (which sequences run, a [`StepPlan`]), `kv_cache_manager` (blocks and
+//! The parts: `policy` (which sequences run: a `StepPlan`), `kv_cache_manager` (blocks and
 //! the prefix cache), `image_encoding` (the encoder and its cache), `output_processor`
 //! (sampling, stops, events, forks, finishing). This file ties them into [`Scheduler::add`] and
 //! [`Scheduler::step`].
