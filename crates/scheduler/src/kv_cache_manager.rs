@@ -166,3 +166,79 @@ impl KvCacheManager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::content_hash::ContentHash;
+    use crate::request::ImageInput;
+    use std::sync::Arc;
+
+    const NO_IMAGES: &[SeqImage<(), ()>] = &[];
+
+    fn manager(enable_prefix_caching: bool) -> KvCacheManager {
+        let mut config = EngineConfig::new(8, 4, 64);
+        config.enable_prefix_caching = enable_prefix_caching;
+        KvCacheManager::new(&config)
+    }
+
+    /// An image behind the placeholders at 2..6: rows 0..2 in block 0, 2..4 in block 1.
+    fn image(seed: u8) -> SeqImage<(), ()> {
+        SeqImage::new(ImageInput {
+            offset: 2,
+            num_tokens: 4,
+            content_hash: ContentHash::of(&[seed]),
+            pixels: Arc::new(()),
+        })
+    }
+
+    #[test]
+    fn computed_full_blocks_serve_later_prompts_but_never_their_last_token() {
+        let kv = manager(true);
+        let tokens: Vec<u32> = (0..10).collect();
+        let mut first = SeqBlocks::default();
+        assert!(kv.allocate(&mut first, 10));
+        assert_eq!((first.len(), kv.num_used()), (3, 3));
+        kv.register_full(&mut first, 10, &tokens, NO_IMAGES);
+        drop(first);
+        assert_eq!(kv.num_used(), 0);
+
+        let mut longer = SeqBlocks::default();
+        assert_eq!(
+            kv.take_cached_prefix(&mut longer, &tokens[..9], NO_IMAGES),
+            8
+        );
+        assert_eq!(longer.len(), 2);
+        // Eight tokens are two full blocks, but the last token must run: one block found.
+        let mut exact = SeqBlocks::default();
+        assert_eq!(
+            kv.take_cached_prefix(&mut exact, &tokens[..8], NO_IMAGES),
+            4
+        );
+        assert_eq!(exact.len(), 1);
+
+        let off = manager(false);
+        let mut blocks = SeqBlocks::default();
+        assert!(off.allocate(&mut blocks, 10));
+        off.register_full(&mut blocks, 10, &tokens, NO_IMAGES);
+        drop(blocks);
+        let mut again = SeqBlocks::default();
+        assert_eq!(off.take_cached_prefix(&mut again, &tokens, NO_IMAGES), 0);
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn another_image_behind_the_same_placeholders_is_a_miss() {
+        let kv = manager(true);
+        let tokens = vec![7u32; 9];
+        let mut first = SeqBlocks::default();
+        assert!(kv.allocate(&mut first, 9));
+        kv.register_full(&mut first, 9, &tokens, &[image(1)]);
+        let mut same = SeqBlocks::default();
+        kv.take_cached_prefix(&mut same, &tokens, &[image(1)]);
+        assert_eq!(same.ids(), first.ids()[..2]);
+        let mut other = SeqBlocks::default();
+        kv.take_cached_prefix(&mut other, &tokens, &[image(2)]);
+        assert!(other.is_empty());
+    }
+}
