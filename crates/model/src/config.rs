@@ -2,10 +2,11 @@
 //!
 //! Every dimension the forward needs is read from here, never assumed: the fixture checkpoint
 //! and the published one differ in every size, and fields that upstream leaves out
-//! (`ps_version`, `vision_config.norm_type`) carry the defaults upstream gives them.
+//! (`ps_version`, `vision_config.norm_type`) carry the defaults upstream gives them. serde
+//! reads the file's layout (`config_file`); the typed config is then checked for what the
+//! forward relies on, each error naming the file and the field.
 
 use serde::Deserialize;
-use serde_json::Value;
 use std::path::Path;
 
 /// Why a `config.json` could not be used.
@@ -36,15 +37,19 @@ pub enum ConfigError {
 /// V1.1 was trained with `V1`, which leaves the downsampled grid transposed; `V2` undoes the
 /// transposition. The difference is a permutation of the visual tokens, so using the wrong one
 /// silently degrades answers instead of failing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PixelShuffleVersion {
+    #[default]
     V1,
     V2,
 }
 
 /// The normalisation layers of the vision encoder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum VisionNorm {
+    #[default]
     RmsNorm,
     LayerNorm,
 }
@@ -67,11 +72,6 @@ pub struct VisionConfig {
 impl VisionConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
-    }
-
-    /// Patches per side of the image grid.
-    pub fn grid_size(&self) -> usize {
-        self.image_size / self.patch_size
     }
 }
 
@@ -128,43 +128,22 @@ impl InternVlConfig {
     }
 
     /// Parses the JSON text of a `config.json`; `path` names it in errors.
-    pub fn from_json(text: &str, path: &str) -> Result<Self, ConfigError> {
-        let root: Value = serde_json::from_str(text).map_err(|source| ConfigError::Json {
-            path: path.to_string(),
-            source,
-        })?;
-        let f = Fields { path, root: &root };
-        let model_type = f.string("model_type")?;
-        if model_type != "internvl_chat" {
-            return Err(f.invalid(
-                "model_type",
-                format!("`{model_type}` is not supported (expected `internvl_chat`)"),
-            ));
-        }
-        let vision = f.vision()?;
-        let llm = f.llm()?;
-        let ps_version = match f.opt_string("ps_version")?.as_deref() {
-            None | Some("v1") => PixelShuffleVersion::V1,
-            Some("v2") => PixelShuffleVersion::V2,
-            Some(other) => {
-                return Err(f.invalid("ps_version", format!("`{other}` (expected v1 or v2)")))
-            }
-        };
-        let image_size = match f.opt_usize("force_image_size")? {
-            Some(size) => size,
-            None => vision.image_size,
-        };
-        let config = InternVlConfig {
-            select_layer: f.int("select_layer")?,
-            downsample_ratio: f.float("downsample_ratio")?,
-            ps_version,
-            template: f.string("template")?,
-            system_message: f.opt_string("system_message")?.unwrap_or_default(),
-            image_size,
-            vision,
-            llm,
-        };
-        config.validate(&f)?;
+    fn from_json(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let file = crate::config_file::parse(text, path)?;
+        let config = file
+            .into_config()
+            .map_err(|(field, reason)| ConfigError::Invalid {
+                path: path.to_string(),
+                field: field.to_string(),
+                reason,
+            })?;
+        config
+            .validate()
+            .map_err(|(field, reason)| ConfigError::Invalid {
+                path: path.to_string(),
+                field: field.to_string(),
+                reason,
+            })?;
         Ok(config)
     }
 
@@ -191,16 +170,17 @@ impl InternVlConfig {
         (1.0 / self.downsample_ratio).round() as usize
     }
 
-    fn validate(&self, f: &Fields<'_>) -> Result<(), ConfigError> {
+    /// The relations between fields the forward relies on; an error names the field.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
         let v = &self.vision;
         if v.hidden_size % v.num_attention_heads != 0 {
-            return Err(f.invalid(
+            return Err((
                 "vision_config.num_attention_heads",
                 format!("does not divide hidden_size {}", v.hidden_size),
             ));
         }
         if self.image_size % v.patch_size != 0 {
-            return Err(f.invalid(
+            return Err((
                 "force_image_size",
                 format!(
                     "{} is not a multiple of patch_size {}",
@@ -210,7 +190,7 @@ impl InternVlConfig {
         }
         let states = v.num_hidden_layers as i64 + 1;
         if self.select_layer >= states || self.select_layer < -states || self.select_layer == 0 {
-            return Err(f.invalid(
+            return Err((
                 "select_layer",
                 format!(
                     "{} is outside 1..{states} and -{states}..-1",
@@ -221,7 +201,7 @@ impl InternVlConfig {
         let factor = self.shuffle_factor();
         let grid = self.image_size / v.patch_size;
         if (self.downsample_ratio * factor as f64 - 1.0).abs() > 1e-9 || grid % factor != 0 {
-            return Err(f.invalid(
+            return Err((
                 "downsample_ratio",
                 format!(
                     "{} must be 1/n with n dividing the {grid}-patch grid",
@@ -231,16 +211,16 @@ impl InternVlConfig {
         }
         let l = &self.llm;
         if l.hidden_size % l.num_attention_heads != 0 {
-            return Err(f.invalid(
+            return Err((
                 "llm_config.num_attention_heads",
                 format!("does not divide hidden_size {}", l.hidden_size),
             ));
         }
-        if l.num_attention_heads % l.num_key_value_heads != 0 {
-            return Err(f.invalid(
+        if l.num_key_value_heads == 0 || l.num_attention_heads % l.num_key_value_heads != 0 {
+            return Err((
                 "llm_config.num_key_value_heads",
                 format!(
-                    "{} does not divide num_attention_heads {}",
+                    "{} must be at least 1 and divide num_attention_heads {}",
                     l.num_key_value_heads, l.num_attention_heads
                 ),
             ));
@@ -249,159 +229,98 @@ impl InternVlConfig {
     }
 }
 
-/// Typed access to JSON fields with errors that name the full field path.
-struct Fields<'a> {
-    path: &'a str,
-    root: &'a Value,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
 
-impl Fields<'_> {
-    fn lookup(&self, field: &str) -> Option<&Value> {
-        field
-            .split('.')
-            .try_fold(self.root, |v, key| v.get(key))
-            .filter(|v| !v.is_null())
+    fn demo() -> Value {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/demo-internvl/config.json"
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
-    fn missing(&self, field: &str) -> ConfigError {
-        ConfigError::Missing {
-            path: self.path.to_string(),
-            field: field.to_string(),
+    fn parse(config: &Value) -> Result<InternVlConfig, ConfigError> {
+        InternVlConfig::from_json(&config.to_string(), "config.json")
+    }
+
+    /// Zero key/value heads divided by zero before; now the field is named.
+    #[test]
+    fn zero_kv_heads_is_refused_by_name() {
+        let mut config = demo();
+        config["llm_config"]["num_key_value_heads"] = 0.into();
+        let error = parse(&config).unwrap_err().to_string();
+        assert!(
+            error.contains("config.json") && error.contains("llm_config.num_key_value_heads"),
+            "{error}"
+        );
+        config["llm_config"]["num_key_value_heads"] = 3.into();
+        let error = parse(&config).unwrap_err().to_string();
+        assert!(error.contains("llm_config.num_key_value_heads"), "{error}");
+    }
+
+    /// Fields upstream leaves out, or writes as null, take upstream's defaults.
+    #[test]
+    fn absent_fields_take_upstream_defaults() {
+        let mut config = demo();
+        for (section, field) in [
+            ("llm_config", "num_key_value_heads"),
+            ("llm_config", "rope_theta"),
+            ("vision_config", "norm_type"),
+            ("vision_config", "qkv_bias"),
+        ] {
+            config[section].as_object_mut().unwrap().remove(field);
         }
+        let root = config.as_object_mut().unwrap();
+        root.remove("force_image_size");
+        root.remove("ps_version");
+        root.insert("system_message".into(), Value::Null);
+        let parsed = parse(&config).unwrap();
+        assert_eq!(
+            parsed.llm.num_key_value_heads,
+            parsed.llm.num_attention_heads
+        );
+        assert_eq!(parsed.llm.rope_theta, 10_000.0);
+        assert_eq!(parsed.vision.norm_type, VisionNorm::RmsNorm);
+        assert!(!parsed.vision.qkv_bias);
+        assert_eq!(parsed.image_size, parsed.vision.image_size);
+        assert_eq!(parsed.ps_version, PixelShuffleVersion::V1);
+        assert_eq!(parsed.system_message, "");
     }
 
-    fn invalid(&self, field: &str, reason: String) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.to_string(),
-            field: field.to_string(),
-            reason,
+    #[test]
+    fn checked_values_name_their_field() {
+        let cases: [(&str, &str, Value, &str); 4] = [
+            (
+                "llm_config",
+                "rope_scaling",
+                serde_json::json!({"type": "linear"}),
+                "not supported",
+            ),
+            (
+                "vision_config",
+                "norm_type",
+                "batch_norm".into(),
+                "unknown variant",
+            ),
+            ("llm_config", "hidden_size", 0.into(), "must be positive"),
+            (
+                "vision_config",
+                "layer_norm_eps",
+                (-1.0).into(),
+                "positive number",
+            ),
+        ];
+        for (section, field, value, reason) in cases {
+            let mut config = demo();
+            config[section][field] = value;
+            let error = parse(&config).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("{section}.{field}")) && error.contains(reason),
+                "{error}"
+            );
         }
-    }
-
-    fn typed<T: for<'de> Deserialize<'de>>(&self, field: &str) -> Result<Option<T>, ConfigError> {
-        self.lookup(field)
-            .map(|v| T::deserialize(v).map_err(|e| self.invalid(field, e.to_string())))
-            .transpose()
-    }
-
-    fn required<T: for<'de> Deserialize<'de>>(&self, field: &str) -> Result<T, ConfigError> {
-        self.typed(field)?.ok_or_else(|| self.missing(field))
-    }
-
-    fn string(&self, field: &str) -> Result<String, ConfigError> {
-        self.required(field)
-    }
-
-    fn opt_string(&self, field: &str) -> Result<Option<String>, ConfigError> {
-        self.typed(field)
-    }
-
-    fn int(&self, field: &str) -> Result<i64, ConfigError> {
-        self.required(field)
-    }
-
-    fn positive(&self, field: &str) -> Result<usize, ConfigError> {
-        let value: usize = self.required(field)?;
-        if value == 0 {
-            return Err(self.invalid(field, "must be positive".into()));
-        }
-        Ok(value)
-    }
-
-    fn opt_usize(&self, field: &str) -> Result<Option<usize>, ConfigError> {
-        self.typed(field)
-    }
-
-    fn float(&self, field: &str) -> Result<f64, ConfigError> {
-        let value: f64 = self.required(field)?;
-        if !(value.is_finite() && value > 0.0) {
-            return Err(self.invalid(field, format!("{value} must be a positive number")));
-        }
-        Ok(value)
-    }
-
-    fn vision(&self) -> Result<VisionConfig, ConfigError> {
-        let model_type: String = self.required("vision_config.model_type")?;
-        if model_type != "intern_vit_6b" {
-            return Err(self.invalid(
-                "vision_config.model_type",
-                format!("`{model_type}` is not supported (expected `intern_vit_6b`)"),
-            ));
-        }
-        let norm_type = match self.typed::<String>("vision_config.norm_type")?.as_deref() {
-            None | Some("rms_norm") => VisionNorm::RmsNorm,
-            Some("layer_norm") => VisionNorm::LayerNorm,
-            Some(other) => {
-                return Err(self.invalid(
-                    "vision_config.norm_type",
-                    format!("`{other}` (expected rms_norm or layer_norm)"),
-                ))
-            }
-        };
-        if let Some(act) = self.typed::<String>("vision_config.hidden_act")? {
-            if act != "gelu" {
-                return Err(self.invalid(
-                    "vision_config.hidden_act",
-                    format!("`{act}` (only exact gelu is supported)"),
-                ));
-            }
-        }
-        Ok(VisionConfig {
-            hidden_size: self.positive("vision_config.hidden_size")?,
-            intermediate_size: self.positive("vision_config.intermediate_size")?,
-            num_attention_heads: self.positive("vision_config.num_attention_heads")?,
-            num_hidden_layers: self.positive("vision_config.num_hidden_layers")?,
-            patch_size: self.positive("vision_config.patch_size")?,
-            image_size: self.positive("vision_config.image_size")?,
-            qkv_bias: self.typed("vision_config.qkv_bias")?.unwrap_or(false),
-            qk_normalization: self
-                .typed("vision_config.qk_normalization")?
-                .unwrap_or(false),
-            layer_norm_eps: self.float("vision_config.layer_norm_eps")?,
-            norm_type,
-        })
-    }
-
-    fn llm(&self) -> Result<LlmConfig, ConfigError> {
-        let model_type: String = self.required("llm_config.model_type")?;
-        if model_type != "llama" {
-            return Err(self.invalid(
-                "llm_config.model_type",
-                format!("`{model_type}` is not supported (expected `llama`)"),
-            ));
-        }
-        if let Some(scaling) = self.lookup("llm_config.rope_scaling") {
-            return Err(self.invalid(
-                "llm_config.rope_scaling",
-                format!("{scaling} is not supported"),
-            ));
-        }
-        if let Some(act) = self.typed::<String>("llm_config.hidden_act")? {
-            if act != "silu" {
-                return Err(self.invalid(
-                    "llm_config.hidden_act",
-                    format!("`{act}` (only silu is supported)"),
-                ));
-            }
-        }
-        let num_attention_heads = self.positive("llm_config.num_attention_heads")?;
-        Ok(LlmConfig {
-            hidden_size: self.positive("llm_config.hidden_size")?,
-            intermediate_size: self.positive("llm_config.intermediate_size")?,
-            num_attention_heads,
-            num_key_value_heads: self
-                .typed("llm_config.num_key_value_heads")?
-                .unwrap_or(num_attention_heads),
-            num_hidden_layers: self.positive("llm_config.num_hidden_layers")?,
-            vocab_size: self.positive("llm_config.vocab_size")?,
-            rms_norm_eps: self.float("llm_config.rms_norm_eps")?,
-            rope_theta: match self.lookup("llm_config.rope_theta") {
-                Some(_) => self.float("llm_config.rope_theta")?,
-                None => 10_000.0,
-            },
-            max_position_embeddings: self.positive("llm_config.max_position_embeddings")?,
-            bos_token_id: self.typed("llm_config.bos_token_id")?.unwrap_or(1),
-            eos_token_id: self.typed("llm_config.eos_token_id")?.unwrap_or(2),
-        })
     }
 }

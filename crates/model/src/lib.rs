@@ -7,10 +7,11 @@
 mod attention_backend;
 mod backends;
 pub mod config;
+mod config_file;
 mod cpu_math;
 mod cpu_ops;
 #[cfg(feature = "cuda")]
-pub mod cuda_kernels;
+mod cuda_kernels;
 mod dense_attention;
 #[cfg(feature = "cuda")]
 pub mod kernel_check;
@@ -19,17 +20,17 @@ mod linear;
 mod llama;
 pub mod loader;
 pub mod model;
-pub mod paged_attention;
+mod paged_attention;
 pub mod paged_plan;
 mod param_count;
 pub mod preprocess;
-pub mod projector;
+mod projector;
 pub mod prompt;
 mod random_weights;
 #[cfg(test)]
 mod test_util;
 pub mod tokenizer;
-pub mod vision;
+mod vision;
 pub mod weights;
 
 pub use attention_backend::{AttentionBackend, AttentionChoice, UnknownAttention};

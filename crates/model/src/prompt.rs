@@ -91,7 +91,7 @@ impl PromptTemplate {
     }
 
     /// The token block one image occupies in the prompt.
-    pub fn image_block(&self) -> String {
+    fn image_block(&self) -> String {
         format!(
             "{IMG_START}{}{IMG_END}",
             IMG_CONTEXT.repeat(self.image_tokens)

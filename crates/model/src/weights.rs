@@ -190,19 +190,6 @@ impl Checkpoint {
         self.routing.keys().map(String::as_str)
     }
 
-    /// Names of the tensors read so far: what the model really used.
-    pub fn loaded_names(&self) -> Vec<String> {
-        self.loaded
-            .lock()
-            .map(|l| l.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Bytes of tensor data read so far, as stored on disk.
-    pub fn bytes_loaded(&self) -> u64 {
-        self.bytes_loaded.load(Ordering::Relaxed)
-    }
-
     /// Reads one tensor as stored (its own dtype, on the CPU).
     pub fn tensor(&self, name: &str) -> Result<Tensor, WeightsError> {
         let id = *self
