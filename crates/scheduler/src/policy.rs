@@ -208,3 +208,66 @@ impl<E> Encodes<'_, E> {
         want
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detokenizer::{Detokenizer, TokenDecoder};
+    use crate::output::channel;
+    use crate::sampling::{Sampler, SamplingParams};
+    use crate::sequence::Output;
+    use crate::stop::{StopChecker, StopParams};
+    use std::sync::Arc;
+
+    fn sequence(id: u64, prompt_len: usize) -> Sequence<(), ()> {
+        let decoder: Arc<dyn TokenDecoder> = Arc::new(|ids: &[u32], _: bool| format!("{ids:?}"));
+        let stop = StopParams {
+            max_tokens: 8,
+            ..StopParams::default()
+        };
+        let output = Output {
+            sampler: Sampler::new(SamplingParams::default(), 8).unwrap(),
+            stop: StopChecker::new(stop, 8).unwrap(),
+            detokenizer: Detokenizer::new(decoder, true),
+            events: channel().0,
+        };
+        Sequence::new(SeqId(id), vec![5; prompt_len], Vec::new(), None, output)
+    }
+
+    /// The plan names sequences by id: when the newest is preempted for the oldest's next
+    /// block, the plan holds the oldest alone, and the preempted one waits first in line with
+    /// nothing computed.
+    #[test]
+    fn preemption_leaves_a_plan_of_the_survivors_by_id() {
+        let mut config = EngineConfig::new(3, 4, 64);
+        config.enable_prefix_caching = false;
+        let kv = KvCacheManager::new(&config);
+        let cache = EncoderCache::new(0);
+        let mut stats = EngineStats::default();
+        let mut queues = Queues::new();
+        queues.waiting.extend([sequence(7, 8), sequence(9, 4)]);
+
+        let plan = queues.schedule(&config, &kv, &cache, &mut stats);
+        let want = [(SeqId(7), 0..8), (SeqId(9), 0..4)];
+        let got: Vec<_> = plan.iter().map(|s| (s.seq, s.span.clone())).collect();
+        assert_eq!(got, want);
+        for scheduled in &plan {
+            let seq = queues.running_mut(scheduled.seq);
+            seq.advance(scheduled.span.len(), &kv);
+            seq.append(1);
+        }
+        assert_eq!(kv.num_free(), 0);
+
+        let plan = queues.schedule(&config, &kv, &cache, &mut stats);
+        let want = Scheduled {
+            seq: SeqId(7),
+            span: 8..9,
+        };
+        assert_eq!(plan, [want]);
+        assert_eq!(stats.preemptions, 1);
+        let preempted = &queues.waiting[0];
+        assert_eq!(preempted.id(), SeqId(9));
+        assert_eq!((preempted.computed(), preempted.num_blocks()), (0, 0));
+        assert_eq!(queues.running(SeqId(7)).num_blocks(), 3);
+    }
+}
