@@ -5,15 +5,15 @@
 //! pickle shard is a zip archive whose entries are stored uncompressed, so each tensor is a
 //! byte range of the file.
 
+mod shard;
+
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use memmap2::Mmap;
+use shard::Shard;
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 /// Why a weight could not be had, naming the file and tensor involved.
 #[derive(Debug, thiserror::Error)]
@@ -75,16 +75,6 @@ pub struct Checkpoint {
     bytes_loaded: AtomicU64,
 }
 
-struct Shard {
-    path: PathBuf,
-    reader: OnceLock<Result<ShardReader, String>>,
-}
-
-enum ShardReader {
-    Safetensors(candle_core::safetensors::MmapedSafetensors),
-    Pickle(PickleShard),
-}
-
 impl Checkpoint {
     /// Finds the weights in `dir`, preferring safetensors, and checks every shard exists.
     pub fn open(dir: &Path) -> Result<Self, WeightsError> {
@@ -118,7 +108,7 @@ impl Checkpoint {
             checkpoint.read_index(&path)?;
         } else {
             checkpoint.shards.push(Shard::new(path));
-            let names = checkpoint.shards[0].reader()?.names();
+            let names = checkpoint.shards[0].names()?;
             checkpoint.routing = names.into_iter().map(|n| (n, 0)).collect();
         }
         Ok(checkpoint)
@@ -200,16 +190,7 @@ impl Checkpoint {
                 dir: self.dir.display().to_string(),
             })?;
         let shard = &self.shards[id];
-        let tensor = shard.reader()?.load(name).map_err(|e| match e {
-            LoadFailure::Absent => WeightsError::NotInShard {
-                name: name.to_string(),
-                path: shard.path.display().to_string(),
-            },
-            LoadFailure::Other(reason) => WeightsError::Shard {
-                path: shard.path.display().to_string(),
-                reason: format!("tensor `{name}`: {reason}"),
-            },
-        })?;
+        let tensor = shard.load(name)?;
         let bytes = (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64;
         let total = self.bytes_loaded.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let tensors = match self.loaded.lock() {
@@ -223,11 +204,7 @@ impl Checkpoint {
             progress(&LoadProgress {
                 tensors,
                 bytes: total,
-                shards_opened: self
-                    .shards
-                    .iter()
-                    .filter(|s| s.reader.get().is_some())
-                    .count(),
+                shards_opened: self.shards.iter().filter(|s| s.is_open()).count(),
                 shards: self.shards.len(),
             });
         }
@@ -237,7 +214,7 @@ impl Checkpoint {
     fn shard_path(&self, name: &str) -> String {
         self.routing
             .get(name)
-            .map(|&id| self.shards[id].path.display().to_string())
+            .map(|&id| self.shards[id].path().display().to_string())
             .unwrap_or_else(|| self.dir.display().to_string())
     }
 }
@@ -270,150 +247,5 @@ impl SimpleBackend for Checkpoint {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.contains(name)
-    }
-}
-
-impl Shard {
-    fn new(path: PathBuf) -> Self {
-        Shard {
-            path,
-            reader: OnceLock::new(),
-        }
-    }
-
-    fn reader(&self) -> Result<&ShardReader, WeightsError> {
-        self.reader
-            .get_or_init(|| ShardReader::open(&self.path))
-            .as_ref()
-            .map_err(|reason| WeightsError::Shard {
-                path: self.path.display().to_string(),
-                reason: reason.clone(),
-            })
-    }
-}
-
-enum LoadFailure {
-    Absent,
-    Other(String),
-}
-
-impl ShardReader {
-    fn open(path: &Path) -> Result<Self, String> {
-        let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-        if is_safetensors {
-            // SAFETY: the file is mapped read-only; like every loader of mapped weights we
-            // rely on it not being truncated while the server runs.
-            let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-                .map_err(|e| e.to_string())?;
-            Ok(ShardReader::Safetensors(st))
-        } else {
-            PickleShard::open(path).map(ShardReader::Pickle)
-        }
-    }
-
-    fn names(&self) -> Vec<String> {
-        match self {
-            ShardReader::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
-            ShardReader::Pickle(p) => p.tensors.keys().cloned().collect(),
-        }
-    }
-
-    fn load(&self, name: &str) -> Result<Tensor, LoadFailure> {
-        match self {
-            ShardReader::Safetensors(st) => match st.get(name) {
-                Err(_) => Err(LoadFailure::Absent),
-                Ok(view) => candle_core::safetensors::Load::load(&view, &Device::Cpu)
-                    .map_err(|e| LoadFailure::Other(e.to_string())),
-            },
-            ShardReader::Pickle(p) => p.load(name),
-        }
-    }
-}
-
-/// A `torch.save` zip archive, mapped into memory.
-struct PickleShard {
-    mmap: Mmap,
-    tensors: HashMap<String, PickleTensor>,
-}
-
-struct PickleTensor {
-    dtype: DType,
-    dims: Vec<usize>,
-    /// Stored column-major (a transposed view was saved); read reversed, then permuted.
-    fortran_order: bool,
-    bytes: Range<usize>,
-}
-
-impl PickleShard {
-    fn open(path: &Path) -> Result<Self, String> {
-        let infos = candle_core::pickle::read_pth_tensor_info(path, false, None)
-            .map_err(|e| format!("not a PyTorch zip checkpoint: {e}"))?;
-        let file = File::open(path).map_err(|e| e.to_string())?;
-        // SAFETY: see `ShardReader::open`.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| e.to_string())?;
-        let mut archive =
-            zip::ZipArchive::new(std::io::Cursor::new(&mmap[..])).map_err(|e| e.to_string())?;
-        let mut tensors = HashMap::new();
-        for info in infos {
-            let entry = archive
-                .by_name(&info.path)
-                .map_err(|e| format!("entry {} of `{}`: {e}", info.path, info.name))?;
-            if entry.compression() != zip::CompressionMethod::Stored {
-                return Err(format!(
-                    "entry {} is compressed; torch never does that",
-                    info.path
-                ));
-            }
-            let start = entry
-                .data_start()
-                .ok_or_else(|| format!("entry {} has no data offset", info.path))?
-                as usize;
-            let size = entry.size() as usize;
-            let elem = info.dtype.size_in_bytes();
-            let layout = &info.layout;
-            let dims = layout.dims().to_vec();
-            let fortran_order = dims.len() > 1 && !layout.is_contiguous();
-            if !layout.is_contiguous() && !layout.is_fortran_contiguous() {
-                return Err(format!(
-                    "tensor `{}` is stored with strides {:?}",
-                    info.name,
-                    layout.stride()
-                ));
-            }
-            let offset = layout.start_offset() * elem;
-            let len = layout.shape().elem_count() * elem;
-            if offset + len > size {
-                return Err(format!(
-                    "tensor `{}` needs {} bytes at offset {offset}, its storage has {size}",
-                    info.name, len
-                ));
-            }
-            tensors.insert(
-                info.name.clone(),
-                PickleTensor {
-                    dtype: info.dtype,
-                    dims,
-                    fortran_order,
-                    bytes: start + offset..start + offset + len,
-                },
-            );
-        }
-        Ok(PickleShard { mmap, tensors })
-    }
-
-    fn load(&self, name: &str) -> Result<Tensor, LoadFailure> {
-        let t = self.tensors.get(name).ok_or(LoadFailure::Absent)?;
-        let other = |e: candle_core::Error| LoadFailure::Other(e.to_string());
-        let data = &self.mmap[t.bytes.clone()];
-        if t.fortran_order {
-            let reversed: Vec<usize> = t.dims.iter().rev().copied().collect();
-            let order: Vec<usize> = (0..t.dims.len()).rev().collect();
-            Tensor::from_raw_buffer(data, t.dtype, &reversed, &Device::Cpu)
-                .and_then(|x| x.permute(order))
-                .and_then(|x| x.contiguous())
-                .map_err(other)
-        } else {
-            Tensor::from_raw_buffer(data, t.dtype, &t.dims, &Device::Cpu).map_err(other)
-        }
     }
 }
