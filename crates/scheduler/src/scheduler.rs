@@ -107,7 +107,7 @@ impl<R: ModelRunner> Scheduler<R> {
     /// One sequence's failure is never another's: a sequence whose planned positions, blocks
     /// or images are unsound is failed alone before the forward; when the batched encode or
     /// forward fails, the work is retried in parts until the failure is pinned on the
-    /// sequences that fail alone (see [`Self::forward_isolating`]), and only those fail.
+    /// sequences that fail alone (see `forward_isolating`), and only those fail.
     pub fn step(&mut self) {
         self.stats.aborted += self.queues.drop_abandoned() as u64;
         let plan =

@@ -12,7 +12,7 @@ pub const MAX_STOP_STRINGS: usize = 16;
 /// Longest stop string, in bytes. Matching costs, for every generated token, up to the square
 /// of the longest stop string's length (see [`StopChecker::push`]): a 1 MB stop string would
 /// make each token cost seconds on the engine's thread. Real stop strings are a few
-/// characters ("\n\nUser:", "</s>"); 256 bytes keeps the worst token under a million byte
+/// characters (`"\n\nUser:"`, `"</s>"`); 256 bytes keeps the worst token under a million byte
 /// comparisons for all of [`MAX_STOP_STRINGS`].
 pub const MAX_STOP_STRING_BYTES: usize = 256;
 

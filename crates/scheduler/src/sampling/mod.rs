@@ -7,5 +7,7 @@ mod params;
 mod sampler;
 mod truncation;
 
-pub use params::{SamplingError, SamplingParams, MAX_TOP_LOGPROBS};
+pub use params::{
+    SamplingError, SamplingParams, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MAX_TOP_LOGPROBS,
+};
 pub use sampler::{Sampled, Sampler};

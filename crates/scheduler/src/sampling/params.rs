@@ -70,7 +70,7 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Checks every setting against its range and the logit bias ids against a vocabulary of
     /// `vocab_size` tokens (the width of the model's logits), so a request can be refused
-    /// before it is scheduled. [`Sampler::new`] runs it too.
+    /// before it is scheduled. [`Sampler::new`](super::Sampler::new) runs it too.
     pub fn validate(&self, vocab_size: usize) -> Result<(), SamplingError> {
         if vocab_size == 0 {
             return Err(SamplingError::EmptyVocab);
