@@ -42,6 +42,7 @@ mod local_file;
 #[cfg(test)]
 mod test_support;
 
+use crate::settings::defaults;
 use address_policy::{blocked_address_class, Classifier};
 use data_url::decode_data_url;
 use http::GuardedResolver;
@@ -69,11 +70,11 @@ pub struct ImageFetchConfig {
 }
 
 impl Default for ImageFetchConfig {
-    /// 10 s, 20 MiB, 5 redirects, public addresses only, no local files.
+    /// `serve`'s defaults (10 s, 20 MiB), 5 redirects, public addresses only, no local files.
     fn default() -> Self {
         Self {
-            timeout: Duration::from_secs(10),
-            max_bytes: 20 << 20,
+            timeout: Duration::from_secs(defaults::IMAGE_FETCH_TIMEOUT),
+            max_bytes: defaults::MAX_IMAGE_BYTES.0,
             max_redirects: 5,
             allow_private_networks: false,
             allowed_local_dir: None,

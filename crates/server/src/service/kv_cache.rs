@@ -3,7 +3,7 @@
 //! runner's cache, so the two cannot disagree.
 
 use crate::runner::CandleRunner;
-use crate::settings::KvCacheMemory;
+use crate::settings::{defaults, KvCacheMemory};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use internvl_model::config::LlmConfig;
@@ -13,7 +13,7 @@ use internvl_scheduler::EngineConfig;
 /// What the KV cache is sized for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KvCacheSize {
-    /// A memory budget (`serve`'s `kv_cache_memory`; `None`: 1 GiB on CPU, 30 GiB on CUDA),
+    /// A memory budget (`serve`'s `kv_cache_memory`; `None`: the device's default),
     /// holding no more blocks than `max_num_seqs` sequences of the longest length can use,
     /// and refused when it cannot hold one such sequence.
     Memory {
@@ -81,14 +81,13 @@ impl KvCacheSize {
             } => {
                 // Saturating: both are settings, and any product past usize::MAX caps nothing.
                 let useful = max_num_seqs.saturating_mul(max_model_len.div_ceil(block_size));
-                // 30 GiB leaves an 80 GB GPU room for V1.1's 38 GB of weights and activations.
                 let kv_bytes = match budget {
                     Some(KvCacheMemory::Bytes(bytes)) => bytes,
                     Some(KvCacheMemory::Fraction(fraction)) => {
                         (available_memory(device)? as f64 * fraction) as u64
                     }
-                    None if device.is_cpu() => 1 << 30,
-                    None => 30 << 30,
+                    None if device.is_cpu() => defaults::KV_CACHE_MEMORY.cpu.0 as u64,
+                    None => defaults::KV_CACHE_MEMORY.cuda.0 as u64,
                 };
                 let num_blocks = ((kv_bytes / bytes_per_block as u64) as usize).min(useful);
                 if num_blocks < max_model_len.div_ceil(block_size) {

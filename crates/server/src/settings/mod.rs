@@ -1,17 +1,22 @@
 //! `internvl serve` settings: flags > environment (`INTERNVL_*`) > config file > defaults.
 //!
 //! Each setting is declared once below; the macro gives it its flag, its environment
-//! variable, its config-file key (the flag's name with underscores) and the merge.
+//! variable, its config-file key (the flag's name with underscores), its help (with the
+//! default from [`defaults`]) and the merge.
+
+pub mod defaults;
+mod sizes;
+
+pub use sizes::KvCacheMemory;
 
 use anyhow::{bail, Context};
 use internvl_model::AttentionChoice;
-use internvl_scheduler::config::DEFAULT_MAX_BUFFERED_OUTPUT_BYTES;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 macro_rules! settings {
-    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty, env = $env:literal; )*) => {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty, env = $env:literal, default = $default:expr; )*) => {
         /// Every setting as given; `None` where not given.
         #[derive(clap::Args, Deserialize, Debug, Default, Clone)]
         #[serde(deny_unknown_fields)]
@@ -20,7 +25,11 @@ macro_rules! settings {
             #[arg(long, env = "INTERNVL_CONFIG")]
             #[serde(skip)]
             pub config: Option<PathBuf>,
-            $( $(#[doc = $doc])* #[arg(long, env = $env)] pub $name: Option<$ty>, )*
+            $(
+                $(#[doc = $doc])*
+                #[arg(long, env = $env, help = help_text(&[$($doc),*], &$default))]
+                pub $name: Option<$ty>,
+            )*
             /// Accepted API key (repeatable; also comma-separated in INTERNVL_API_KEY).
             #[arg(long = "api-key", env = "INTERNVL_API_KEY", value_delimiter = ',')]
             #[serde(default)]
@@ -40,91 +49,118 @@ macro_rules! settings {
     };
 }
 
+/// A setting's help: its doc comment's lines joined, without the closing period, then its
+/// default.
+fn help_text(doc: &[&str], default: &dyn std::fmt::Display) -> String {
+    let text: Vec<&str> = doc.iter().map(|line| line.trim()).collect();
+    let text = text.join(" ");
+    format!("{} [default: {default}]", text.trim_end_matches('.'))
+}
+
 settings! {
-    /// Checkpoint directory; with random_weights, only its tokenizer is used [default: the
-    /// bundled demo checkpoint].
-    model: PathBuf, env = "INTERNVL_MODEL";
+    /// Checkpoint directory; with random_weights, only its tokenizer is used.
+    model: PathBuf, env = "INTERNVL_MODEL", default = "the bundled demo checkpoint";
     /// Random weights for the model this config.json (InternVLChatConfig format) describes,
-    /// instead of a checkpoint's: for benchmarks without the real weights [default: none].
-    random_weights: PathBuf, env = "INTERNVL_RANDOM_WEIGHTS";
-    /// Model name clients send and see [default: the checkpoint directory's name].
-    served_model_name: String, env = "INTERNVL_SERVED_MODEL_NAME";
-    /// Address to listen on [default: 127.0.0.1].
-    host: String, env = "INTERNVL_HOST";
-    /// Port to listen on [default: 8000].
-    port: u16, env = "INTERNVL_PORT";
-    /// cpu, cuda or cuda:N [default: cpu].
-    device: String, env = "INTERNVL_DEVICE";
-    /// auto, f32, bf16 or f16 [default: auto: f32 on CPU, bf16 on CUDA].
-    dtype: String, env = "INTERNVL_DTYPE";
+    /// instead of a checkpoint's: for benchmarks without the real weights.
+    random_weights: PathBuf, env = "INTERNVL_RANDOM_WEIGHTS", default = "none";
+    /// Model name clients send and see.
+    served_model_name: String, env = "INTERNVL_SERVED_MODEL_NAME",
+        default = "the checkpoint directory's name";
+    /// Address to listen on.
+    host: String, env = "INTERNVL_HOST", default = defaults::HOST;
+    /// Port to listen on.
+    port: u16, env = "INTERNVL_PORT", default = defaults::PORT;
+    /// cpu, cuda or cuda:N.
+    device: String, env = "INTERNVL_DEVICE", default = defaults::DEVICE;
+    /// auto (f32 on CPU, bf16 on CUDA), f32, bf16 or f16.
+    dtype: String, env = "INTERNVL_DTYPE", default = defaults::DTYPE;
     /// Attention: auto (the device's fastest), kernels (the CUDA kernels) or matmul (candle's
-    /// ops everywhere) [default: auto].
-    attention: String, env = "INTERNVL_ATTENTION";
-    /// Most sequences in one engine step [default: 256].
-    max_num_seqs: usize, env = "INTERNVL_MAX_NUM_SEQS";
-    /// Most tokens in one engine step [default: 2048].
-    max_num_batched_tokens: usize, env = "INTERNVL_MAX_NUM_BATCHED_TOKENS";
-    /// Most tokens (prompt + completion) of one sequence [default: the model's].
-    max_model_len: usize, env = "INTERNVL_MAX_MODEL_LEN";
+    /// ops everywhere).
+    attention: String, env = "INTERNVL_ATTENTION", default = defaults::ATTENTION;
+    /// Most sequences in one engine step.
+    max_num_seqs: usize, env = "INTERNVL_MAX_NUM_SEQS", default = defaults::MAX_NUM_SEQS;
+    /// Most tokens in one engine step.
+    max_num_batched_tokens: usize, env = "INTERNVL_MAX_NUM_BATCHED_TOKENS",
+        default = defaults::MAX_NUM_BATCHED_TOKENS;
+    /// Most tokens (prompt + completion) of one sequence.
+    max_model_len: usize, env = "INTERNVL_MAX_MODEL_LEN", default = "the model's";
     /// KV-cache memory: bytes (suffixes KB, MB, GB, KiB, MiB, GiB) or a fraction such as 0.9
-    /// of the memory free after loading the weights [default: 1GiB on CPU, 30GiB on CUDA].
-    kv_cache_memory: String, env = "INTERNVL_KV_CACHE_MEMORY";
-    /// Tokens per KV-cache block [default: 16].
-    block_size: usize, env = "INTERNVL_BLOCK_SIZE";
-    /// Requests that may wait beyond the running ones before new ones get 429 [default: 256].
-    max_queued_requests: usize, env = "INTERNVL_MAX_QUEUED_REQUESTS";
-    /// Most images in one request [default: 8].
-    max_images_per_request: usize, env = "INTERNVL_MAX_IMAGES_PER_REQUEST";
-    /// Most images the vision encoder runs in one engine step (one batched pass) [default: 8].
-    max_images_per_step: usize, env = "INTERNVL_MAX_IMAGES_PER_STEP";
-    /// Reuse the KV of shared prompt prefixes [default: true].
-    enable_prefix_caching: bool, env = "INTERNVL_ENABLE_PREFIX_CACHING";
+    /// of the memory free after loading the weights.
+    kv_cache_memory: String, env = "INTERNVL_KV_CACHE_MEMORY",
+        default = defaults::KV_CACHE_MEMORY;
+    /// Tokens per KV-cache block.
+    block_size: usize, env = "INTERNVL_BLOCK_SIZE", default = defaults::BLOCK_SIZE;
+    /// Requests that may wait beyond the running ones before new ones get 429.
+    max_queued_requests: usize, env = "INTERNVL_MAX_QUEUED_REQUESTS",
+        default = defaults::MAX_QUEUED_REQUESTS;
+    /// Most images in one request.
+    max_images_per_request: usize, env = "INTERNVL_MAX_IMAGES_PER_REQUEST",
+        default = defaults::MAX_IMAGES_PER_REQUEST;
+    /// Most images the vision encoder runs in one engine step (one batched pass).
+    max_images_per_step: usize, env = "INTERNVL_MAX_IMAGES_PER_STEP",
+        default = defaults::MAX_IMAGES_PER_STEP;
+    /// Reuse the KV of shared prompt prefixes.
+    enable_prefix_caching: bool, env = "INTERNVL_ENABLE_PREFIX_CACHING",
+        default = defaults::ENABLE_PREFIX_CACHING;
     /// Most bytes of output one request may hold generated and not yet read by its client;
     /// past it the request is cancelled, so a client that never reads costs a bounded amount
-    /// of memory [default: 4 MiB].
-    max_buffered_output_bytes: usize, env = "INTERNVL_MAX_BUFFERED_OUTPUT_BYTES";
-    /// Largest request body in bytes [default: 64 MiB].
-    max_body_bytes: usize, env = "INTERNVL_MAX_BODY_BYTES";
+    /// of memory.
+    max_buffered_output_bytes: usize, env = "INTERNVL_MAX_BUFFERED_OUTPUT_BYTES",
+        default = defaults::MAX_BUFFERED_OUTPUT_BYTES;
+    /// Largest request body in bytes.
+    max_body_bytes: usize, env = "INTERNVL_MAX_BODY_BYTES", default = defaults::MAX_BODY_BYTES;
     /// Most bytes of text in one prompt, all messages together; longer prompts get 400 before
-    /// tokenizing [default: 256 KiB].
-    max_prompt_bytes: usize, env = "INTERNVL_MAX_PROMPT_BYTES";
-    /// Largest image file in bytes [default: 20 MiB].
-    max_image_bytes: usize, env = "INTERNVL_MAX_IMAGE_BYTES";
-    /// Most bytes of image files in one request, all its images together [default: 64 MiB].
-    max_request_image_bytes: usize, env = "INTERNVL_MAX_REQUEST_IMAGE_BYTES";
+    /// tokenizing.
+    max_prompt_bytes: usize, env = "INTERNVL_MAX_PROMPT_BYTES",
+        default = defaults::MAX_PROMPT_BYTES;
+    /// Largest image file in bytes.
+    max_image_bytes: usize, env = "INTERNVL_MAX_IMAGE_BYTES",
+        default = defaults::MAX_IMAGE_BYTES;
+    /// Most bytes of image files in one request, all its images together.
+    max_request_image_bytes: usize, env = "INTERNVL_MAX_REQUEST_IMAGE_BYTES",
+        default = defaults::MAX_REQUEST_IMAGE_BYTES;
     /// Memory for images across all requests (files being fetched, pixels held while a request
-    /// lives); past it, new image requests get 429 [default: 2 GiB].
-    max_image_memory: usize, env = "INTERNVL_MAX_IMAGE_MEMORY";
-    /// Largest decoded image in pixels (decompression-bomb guard) [default: 50000000].
-    max_image_pixels: u64, env = "INTERNVL_MAX_IMAGE_PIXELS";
-    /// Seconds to fetch an http(s) image [default: 10].
-    image_fetch_timeout: u64, env = "INTERNVL_IMAGE_FETCH_TIMEOUT";
-    /// Allow image URLs on loopback, private and link-local addresses [default: false].
-    allow_private_image_urls: bool, env = "INTERNVL_ALLOW_PRIVATE_IMAGE_URLS";
-    /// Directory `file://` image URLs may read from [default: none, file URLs refused].
-    local_image_dir: PathBuf, env = "INTERNVL_LOCAL_IMAGE_DIR";
-    /// Images preprocessed at once [default: the number of CPUs].
-    preprocess_workers: usize, env = "INTERNVL_PREPROCESS_WORKERS";
-    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 30].
-    shutdown_timeout: u64, env = "INTERNVL_SHUTDOWN_TIMEOUT";
-    /// Seconds a client has to send a request's headers, from its first byte [default: 10].
-    header_read_timeout: u64, env = "INTERNVL_HEADER_READ_TIMEOUT";
-    /// Seconds a client has to send a whole request body, from the end of its headers
-    /// [default: 60].
-    body_read_timeout: u64, env = "INTERNVL_BODY_READ_TIMEOUT";
-    /// Seconds a connection may sit with no request before it is closed [default: 75].
-    idle_timeout: u64, env = "INTERNVL_IDLE_TIMEOUT";
-    /// Most open client connections; more are closed as soon as accepted [default: 1024].
-    max_connections: usize, env = "INTERNVL_MAX_CONNECTIONS";
-    /// Largest request head (request line and headers) in bytes, at least 8192
-    /// [default: 65536].
-    max_header_bytes: usize, env = "INTERNVL_MAX_HEADER_BYTES";
-    /// Log format: text or json [default: text].
-    log_format: String, env = "INTERNVL_LOG_FORMAT";
+    /// lives); past it, new image requests get 429.
+    max_image_memory: usize, env = "INTERNVL_MAX_IMAGE_MEMORY",
+        default = defaults::MAX_IMAGE_MEMORY;
+    /// Largest decoded image in pixels (decompression-bomb guard).
+    max_image_pixels: u64, env = "INTERNVL_MAX_IMAGE_PIXELS",
+        default = defaults::MAX_IMAGE_PIXELS;
+    /// Seconds to fetch an http(s) image.
+    image_fetch_timeout: u64, env = "INTERNVL_IMAGE_FETCH_TIMEOUT",
+        default = defaults::IMAGE_FETCH_TIMEOUT;
+    /// Allow image URLs on loopback, private and link-local addresses.
+    allow_private_image_urls: bool, env = "INTERNVL_ALLOW_PRIVATE_IMAGE_URLS",
+        default = defaults::ALLOW_PRIVATE_IMAGE_URLS;
+    /// Directory `file://` image URLs may read from.
+    local_image_dir: PathBuf, env = "INTERNVL_LOCAL_IMAGE_DIR",
+        default = "none, file URLs refused";
+    /// Images preprocessed at once.
+    preprocess_workers: usize, env = "INTERNVL_PREPROCESS_WORKERS",
+        default = "the number of CPUs";
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    shutdown_timeout: u64, env = "INTERNVL_SHUTDOWN_TIMEOUT",
+        default = defaults::SHUTDOWN_TIMEOUT;
+    /// Seconds a client has to send a request's headers, from its first byte.
+    header_read_timeout: u64, env = "INTERNVL_HEADER_READ_TIMEOUT",
+        default = defaults::HEADER_READ_TIMEOUT;
+    /// Seconds a client has to send a whole request body, from the end of its headers.
+    body_read_timeout: u64, env = "INTERNVL_BODY_READ_TIMEOUT",
+        default = defaults::BODY_READ_TIMEOUT;
+    /// Seconds a connection may sit with no request before it is closed.
+    idle_timeout: u64, env = "INTERNVL_IDLE_TIMEOUT", default = defaults::IDLE_TIMEOUT;
+    /// Most open client connections; more are closed as soon as accepted.
+    max_connections: usize, env = "INTERNVL_MAX_CONNECTIONS",
+        default = defaults::MAX_CONNECTIONS;
+    /// Largest request head (request line and headers) in bytes, at least 8192.
+    max_header_bytes: usize, env = "INTERNVL_MAX_HEADER_BYTES",
+        default = defaults::MAX_HEADER_BYTES;
+    /// Log format: text or json.
+    log_format: String, env = "INTERNVL_LOG_FORMAT", default = defaults::LOG_FORMAT;
 }
 
 /// Settings with every default applied and checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub model: PathBuf,
     pub using_demo: bool,
@@ -190,7 +226,7 @@ impl Settings {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "internvl".into()),
         };
-        let log_format = a.log_format.unwrap_or_else(|| "text".into());
+        let log_format = a.log_format.unwrap_or_else(|| defaults::LOG_FORMAT.into());
         if log_format != "text" && log_format != "json" {
             bail!("log_format must be text or json, got `{log_format}`");
         }
@@ -199,20 +235,24 @@ impl Settings {
             using_demo,
             random_weights: a.random_weights,
             served_model_name,
-            host: a.host.unwrap_or_else(|| "127.0.0.1".into()),
-            port: a.port.unwrap_or(8000),
-            device: a.device.unwrap_or_else(|| "cpu".into()),
-            dtype: a.dtype.unwrap_or_else(|| "auto".into()),
+            host: a.host.unwrap_or_else(|| defaults::HOST.into()),
+            port: a.port.unwrap_or(defaults::PORT),
+            device: a.device.unwrap_or_else(|| defaults::DEVICE.into()),
+            dtype: a.dtype.unwrap_or_else(|| defaults::DTYPE.into()),
             attention: a
                 .attention
                 .as_deref()
-                .unwrap_or("auto")
+                .unwrap_or(defaults::ATTENTION)
                 .parse()
                 .context("attention")?,
-            max_num_seqs: positive("max_num_seqs", a.max_num_seqs.unwrap_or(256))?,
+            max_num_seqs: positive(
+                "max_num_seqs",
+                a.max_num_seqs.unwrap_or(defaults::MAX_NUM_SEQS),
+            )?,
             max_num_batched_tokens: positive(
                 "max_num_batched_tokens",
-                a.max_num_batched_tokens.unwrap_or(2048),
+                a.max_num_batched_tokens
+                    .unwrap_or(defaults::MAX_NUM_BATCHED_TOKENS),
             )?,
             max_model_len: a
                 .max_model_len
@@ -224,45 +264,77 @@ impl Settings {
                 .map(KvCacheMemory::parse)
                 .transpose()
                 .context("kv_cache_memory")?,
-            block_size: positive("block_size", a.block_size.unwrap_or(16))?,
-            max_queued_requests: a.max_queued_requests.unwrap_or(256),
-            max_images_per_request: a.max_images_per_request.unwrap_or(8),
+            block_size: positive("block_size", a.block_size.unwrap_or(defaults::BLOCK_SIZE))?,
+            max_queued_requests: a
+                .max_queued_requests
+                .unwrap_or(defaults::MAX_QUEUED_REQUESTS),
+            max_images_per_request: a
+                .max_images_per_request
+                .unwrap_or(defaults::MAX_IMAGES_PER_REQUEST),
             max_images_per_step: positive(
                 "max_images_per_step",
-                a.max_images_per_step.unwrap_or(8),
+                a.max_images_per_step
+                    .unwrap_or(defaults::MAX_IMAGES_PER_STEP),
             )?,
-            enable_prefix_caching: a.enable_prefix_caching.unwrap_or(true),
+            enable_prefix_caching: a
+                .enable_prefix_caching
+                .unwrap_or(defaults::ENABLE_PREFIX_CACHING),
             max_buffered_output_bytes: positive(
                 "max_buffered_output_bytes",
                 a.max_buffered_output_bytes
-                    .unwrap_or(DEFAULT_MAX_BUFFERED_OUTPUT_BYTES),
+                    .unwrap_or(defaults::MAX_BUFFERED_OUTPUT_BYTES.0),
             )?,
-            max_body_bytes: positive("max_body_bytes", a.max_body_bytes.unwrap_or(64 << 20))?,
+            max_body_bytes: positive(
+                "max_body_bytes",
+                a.max_body_bytes.unwrap_or(defaults::MAX_BODY_BYTES.0),
+            )?,
             max_prompt_bytes: positive(
                 "max_prompt_bytes",
-                a.max_prompt_bytes.unwrap_or(256 << 10),
+                a.max_prompt_bytes.unwrap_or(defaults::MAX_PROMPT_BYTES.0),
             )?,
-            max_image_bytes: positive("max_image_bytes", a.max_image_bytes.unwrap_or(20 << 20))?,
+            max_image_bytes: positive(
+                "max_image_bytes",
+                a.max_image_bytes.unwrap_or(defaults::MAX_IMAGE_BYTES.0),
+            )?,
             max_request_image_bytes: positive(
                 "max_request_image_bytes",
-                a.max_request_image_bytes.unwrap_or(64 << 20),
+                a.max_request_image_bytes
+                    .unwrap_or(defaults::MAX_REQUEST_IMAGE_BYTES.0),
             )?,
-            max_image_memory: positive("max_image_memory", a.max_image_memory.unwrap_or(2 << 30))?,
-            max_image_pixels: a.max_image_pixels.unwrap_or(50_000_000),
-            image_fetch_timeout: a.image_fetch_timeout.unwrap_or(10),
-            allow_private_image_urls: a.allow_private_image_urls.unwrap_or(false),
+            max_image_memory: positive(
+                "max_image_memory",
+                a.max_image_memory.unwrap_or(defaults::MAX_IMAGE_MEMORY.0),
+            )?,
+            max_image_pixels: a.max_image_pixels.unwrap_or(defaults::MAX_IMAGE_PIXELS),
+            image_fetch_timeout: a
+                .image_fetch_timeout
+                .unwrap_or(defaults::IMAGE_FETCH_TIMEOUT),
+            allow_private_image_urls: a
+                .allow_private_image_urls
+                .unwrap_or(defaults::ALLOW_PRIVATE_IMAGE_URLS),
             local_image_dir: a.local_image_dir,
             preprocess_workers: a
                 .preprocess_workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-            shutdown_timeout: a.shutdown_timeout.unwrap_or(30),
-            header_read_timeout: seconds("header_read_timeout", a.header_read_timeout, 10)?,
-            body_read_timeout: seconds("body_read_timeout", a.body_read_timeout, 60)?,
-            idle_timeout: seconds("idle_timeout", a.idle_timeout, 75)?,
-            max_connections: positive("max_connections", a.max_connections.unwrap_or(1024))?,
+            shutdown_timeout: a.shutdown_timeout.unwrap_or(defaults::SHUTDOWN_TIMEOUT),
+            header_read_timeout: seconds(
+                "header_read_timeout",
+                a.header_read_timeout,
+                defaults::HEADER_READ_TIMEOUT,
+            )?,
+            body_read_timeout: seconds(
+                "body_read_timeout",
+                a.body_read_timeout,
+                defaults::BODY_READ_TIMEOUT,
+            )?,
+            idle_timeout: seconds("idle_timeout", a.idle_timeout, defaults::IDLE_TIMEOUT)?,
+            max_connections: positive(
+                "max_connections",
+                a.max_connections.unwrap_or(defaults::MAX_CONNECTIONS),
+            )?,
             max_header_bytes: at_least(
                 "max_header_bytes",
-                a.max_header_bytes.unwrap_or(64 << 10),
+                a.max_header_bytes.unwrap_or(defaults::MAX_HEADER_BYTES),
                 MIN_HEADER_BYTES,
             )?,
             json_logs: log_format == "json",
@@ -316,58 +388,6 @@ fn api_keys(given: Vec<String>) -> anyhow::Result<Vec<String>> {
         .collect()
 }
 
-/// How much memory the KV cache gets.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum KvCacheMemory {
-    Bytes(u64),
-    /// Of the memory available when the model has loaded.
-    Fraction(f64),
-}
-
-impl KvCacheMemory {
-    /// A decimal number up to 1 (`0.5`, `1.0`) is a fraction; anything else is a size.
-    pub fn parse(text: &str) -> anyhow::Result<KvCacheMemory> {
-        let text = text.trim();
-        if text.contains('.') && text.chars().all(|c| c.is_ascii_digit() || c == '.') {
-            let fraction: f64 = text
-                .parse()
-                .with_context(|| format!("`{text}` is not a number"))?;
-            if !(fraction > 0.0 && fraction <= 1.0) {
-                bail!("a fraction of memory must be in (0, 1], got {text}");
-            }
-            return Ok(KvCacheMemory::Fraction(fraction));
-        }
-        parse_bytes(text).map(KvCacheMemory::Bytes)
-    }
-}
-
-/// `4096`, `512MB`, `4GiB`, …: bytes.
-pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .with_context(|| format!("`{text}` is not a size in bytes"))?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        other => bail!("unknown size unit `{other}` (B, KB, MB, GB, KiB, MiB, GiB)"),
-    };
-    let bytes = number * scale as f64;
-    if !(bytes.is_finite() && bytes >= 1.0) {
-        bail!("`{text}` must be at least one byte");
-    }
-    Ok(bytes as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +418,37 @@ mod tests {
             Settings::resolve(cli.args, PathBuf::new()).unwrap_err()
         );
         assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_config_file_restates_the_defaults() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/default.toml");
+        let text = std::fs::read_to_string(file).unwrap();
+        let stated: toml::Table = toml::from_str(&text).unwrap();
+        assert!(stated.len() >= 29, "{} settings stated", stated.len());
+        let with_file = ServeArgs {
+            config: Some(file.into()),
+            ..ServeArgs::default()
+        };
+        let demo = PathBuf::from("/models/demo");
+        assert_eq!(
+            Settings::resolve(with_file, demo.clone()).unwrap(),
+            Settings::resolve(ServeArgs::default(), demo).unwrap()
+        );
+    }
+
+    #[test]
+    fn help_shows_each_default() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_help().to_string();
+        for shown in [
+            "Port to listen on [default: 8000]",
+            "Largest request body in bytes [default: 64 MiB]",
+            "[default: 1 GiB on CPU, 30 GiB on CUDA]",
+            "[default: the bundled demo checkpoint]",
+        ] {
+            assert!(help.contains(shown), "{shown}: {help}");
+        }
     }
 
     #[test]
@@ -479,27 +530,5 @@ mod tests {
                 .to_string();
             assert!(err.contains(name), "{flag} {value}: {err}");
         }
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_bytes("4096").unwrap(), 4096);
-        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_bytes("1.5 GB").unwrap(), 1_500_000_000);
-        assert!(parse_bytes("0").is_err());
-        assert!(parse_bytes("lots").is_err());
-        assert_eq!(
-            KvCacheMemory::parse("0.5").unwrap(),
-            KvCacheMemory::Fraction(0.5)
-        );
-        assert_eq!(
-            KvCacheMemory::parse("1.0").unwrap(),
-            KvCacheMemory::Fraction(1.0)
-        );
-        assert_eq!(
-            KvCacheMemory::parse("2GiB").unwrap(),
-            KvCacheMemory::Bytes(2 << 30)
-        );
-        assert!(KvCacheMemory::parse("1.5").is_err());
     }
 }
