@@ -7,7 +7,9 @@
 # The CUDA 13.0 toolchain comes from scripts/cuda-toolchain.sh (the same pinned PyPI wheels
 # scripts/build-cuda.sh builds the release binary with), cached under target/cuda-toolkit, so a
 # rerun downloads nothing. Clippy uses its own target dir (target/cuda, as build-cuda.sh), so
-# the CPU build in target/ is not invalidated.
+# the CPU build in target/ is not invalidated. candle-kernels' MoE/GGUF objects, which only
+# final binaries link, are not compiled (see scripts/clippy-nvcc.sh): they were most of the
+# time and clippy links nothing.
 #
 # Usage:  scripts/clippy-cuda.sh
 # Environment (optional): CUDA_COMPUTE_CAP (default 90, the GPU hosts' H100/H200), and those of
@@ -19,6 +21,14 @@ start=$SECONDS
 
 # shellcheck source=scripts/cuda-toolchain.sh
 source "$root/scripts/cuda-toolchain.sh" "${CUDA_COMPUTE_CAP:-90}"
+# nvcc as scripts/clippy-nvcc.sh, which skips the objects nothing links here. cudaforge takes
+# the toolkit's include and lib64 from $NVCC/../.., so it sits in a CUDA_HOME-shaped folder.
+wrapped="$(dirname "$CUDA_HOME")/clippy-nvcc"
+mkdir -p "$wrapped/bin"
+for d in include lib64 nvvm; do ln -sfn "$CUDA_HOME/$d" "$wrapped/$d"; done
+ln -sfn "$root/scripts/clippy-nvcc.sh" "$wrapped/bin/nvcc"
+export REAL_NVCC="$CUDA_HOME/bin/nvcc"
+export NVCC="$wrapped/bin/nvcc"
 echo "clippy-cuda: toolchain ready after $((SECONDS - start)) s"
 
 cargo clippy -p internvl-model -p internvl-server \
