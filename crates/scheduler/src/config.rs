@@ -1,4 +1,4 @@
-//! Engine settings.
+//! Engine settings, and the error for settings under which the engine could not run.
 
 /// Sizes and budgets of the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +45,7 @@ impl EngineConfig {
     }
 
     /// Rejects settings under which the engine could not make progress.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("num_blocks", self.num_blocks),
             ("block_size", self.block_size),
@@ -57,9 +57,17 @@ impl EngineConfig {
         ];
         for (name, value) in positive {
             if value == 0 {
-                return Err(format!("{name} must be at least 1"));
+                return Err(ConfigError::Zero(name));
             }
         }
         Ok(())
     }
+}
+
+/// Engine settings under which the engine could not make progress.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A size or budget that must be positive is 0; the setting's name.
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
 }

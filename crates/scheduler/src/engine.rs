@@ -1,6 +1,6 @@
 //! The step loop on its own thread, and the handle callers submit requests through.
 
-use crate::config::EngineConfig;
+use crate::config::{ConfigError, EngineConfig};
 use crate::detokenizer::TokenDecoder;
 use crate::output::{channel as event_channel, EventSender, RequestStream};
 use crate::request::Request;
@@ -14,6 +14,15 @@ use std::thread::JoinHandle;
 
 /// A request on its way to the step thread, with where its events go.
 type Submission<P> = (Request<P>, EventSender);
+
+/// Why an engine did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot start the engine thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
 
 /// A running engine. Dropping it lets the step thread finish the requests it has, then stop.
 pub struct Engine<P> {
@@ -31,7 +40,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
         runner: R,
         config: EngineConfig,
         decoder: Arc<dyn TokenDecoder>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, StartError> {
         config.validate()?;
         let vocab_size = runner.vocab_size();
         let (tx, rx) = channel::<Submission<P>>();
@@ -66,8 +75,7 @@ impl<P: Send + Sync + 'static> Engine<P> {
                         *s = scheduler.stats().clone();
                     }
                 }
-            })
-            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+            })?;
         Ok(Self {
             submissions: Some(tx),
             config,
