@@ -1,0 +1,175 @@
+//! A chat's answer in one JSON body, and what every answer repeats (id, model, logprobs as
+//! OpenAI spells them, usage, finish reasons, the metrics of each finished completion).
+
+use super::super::error::ApiError;
+use super::super::openai::{
+    ChatCompletion, Choice, ChoiceLogprobs, PromptTokensDetails, ResponseMessage, TokenLogprob,
+    TopLogprob, Usage,
+};
+use super::super::validate::ChatPlan;
+use crate::state::{Admission, AppState, ImageReservation};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use internvl_model::tokenizer::Tokenizer;
+use internvl_scheduler::{Event, FinishReason, RequestStream, Usage as EngineUsage};
+use std::sync::Arc;
+
+/// What a request holds until its answer is complete: its place among the admitted requests
+/// and the memory of its images' pixels.
+pub(super) struct Held {
+    _admission: Admission,
+    _images: ImageReservation,
+}
+
+impl Held {
+    pub(super) fn new(admission: Admission, images: ImageReservation) -> Held {
+        Held {
+            _admission: admission,
+            _images: images,
+        }
+    }
+}
+
+/// What every chunk or answer of one request repeats.
+pub(super) struct Reply {
+    pub(super) id: String,
+    pub(super) created: u64,
+    pub(super) model: String,
+    pub(super) tokenizer: Arc<Tokenizer>,
+    pub(super) state: Arc<AppState>,
+    pub(super) num_images: usize,
+}
+
+impl Reply {
+    pub(super) fn logprob(
+        &self,
+        id: u32,
+        logprob: Option<f32>,
+        top: &[(u32, f32)],
+    ) -> Option<TokenLogprob> {
+        let piece = |id: u32| {
+            let bytes = self.tokenizer.token_bytes(id).unwrap_or_default();
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
+        let logprob = logprob?;
+        let (token, bytes) = piece(id);
+        Some(TokenLogprob {
+            token,
+            logprob,
+            bytes,
+            top_logprobs: top
+                .iter()
+                .map(|&(id, logprob)| {
+                    let (token, bytes) = piece(id);
+                    TopLogprob {
+                        token,
+                        logprob,
+                        bytes,
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    pub(super) fn record(
+        &self,
+        reason: FinishReason,
+        usage: &EngineUsage,
+        timings: &internvl_scheduler::RequestTimings,
+    ) {
+        self.state
+            .metrics
+            .observe_finished(reason, usage, timings, self.num_images);
+    }
+}
+
+pub(super) fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Abort => "abort",
+    }
+}
+
+/// Adds one completion's usage: the prompt is counted once, completions summed.
+pub(super) fn add_usage(total: &mut Usage, usage: &EngineUsage, first: bool) {
+    if first {
+        total.prompt_tokens = usage.prompt_tokens;
+        total.prompt_tokens_details = PromptTokensDetails {
+            cached_tokens: usage.cached_tokens,
+        };
+    }
+    total.completion_tokens += usage.completion_tokens;
+    total.total_tokens = total.prompt_tokens + total.completion_tokens;
+}
+
+pub(super) async fn collect_reply(
+    reply: Reply,
+    plan: ChatPlan,
+    mut events: RequestStream,
+    _held: Held,
+) -> Result<Response, ApiError> {
+    let wants_logprobs = plan.sampling.logprobs.is_some();
+    let mut choices: Vec<Choice> = (0..plan.n)
+        .map(|index| Choice {
+            index,
+            message: ResponseMessage {
+                role: "assistant",
+                content: String::new(),
+                refusal: None,
+            },
+            logprobs: wants_logprobs.then(ChoiceLogprobs::default),
+            finish_reason: None,
+        })
+        .collect();
+    let mut usage = Usage::default();
+    let mut done = 0;
+    while done < plan.n {
+        match events.next().await {
+            Some(Event::Token {
+                index,
+                id,
+                text,
+                logprob,
+                top_logprobs,
+            }) => {
+                let choice = &mut choices[index];
+                choice.message.content.push_str(&text);
+                if let (Some(lp), Some(entry)) = (
+                    choice.logprobs.as_mut(),
+                    reply.logprob(id, logprob, &top_logprobs),
+                ) {
+                    lp.content.push(entry);
+                }
+            }
+            Some(Event::Finished {
+                index,
+                text,
+                reason,
+                usage: u,
+                timings,
+                ..
+            }) => {
+                choices[index].message.content.push_str(&text);
+                choices[index].finish_reason = Some(finish_reason(reason));
+                add_usage(&mut usage, &u, done == 0);
+                reply.record(reason, &u, &timings);
+                done += 1;
+            }
+            Some(Event::Error { message }) => {
+                return Err(ApiError::internal(format!("generation failed: {message}")))
+            }
+            None => return Err(ApiError::internal("the engine stopped mid-request")),
+        }
+    }
+    Ok(Json(ChatCompletion {
+        id: reply.id,
+        object: "chat.completion",
+        created: reply.created,
+        model: reply.model,
+        choices,
+        usage,
+        system_fingerprint: None,
+    })
+    .into_response())
+}

@@ -1,0 +1,175 @@
+//! A chat's answer streamed as server-sent events: one chunk per event of the engine, the
+//! usage last when asked, and `[DONE]`; a failure mid-stream ends it with an error event.
+
+use super::super::error::ApiError;
+use super::super::openai::{ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, Usage};
+use super::super::validate::ChatPlan;
+use super::reply::{add_usage, finish_reason, Held, Reply};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures_util::stream::{self, Stream};
+use internvl_scheduler::{Event, RequestStream};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+/// The state of a streamed answer between two SSE events.
+struct Streaming {
+    reply: Reply,
+    events: RequestStream,
+    include_usage: bool,
+    n: usize,
+    done: usize,
+    usage: Usage,
+    pending: VecDeque<SseEvent>,
+    finished: bool,
+    /// The request's span, entered to report a failure with the request's id.
+    span: tracing::Span,
+    _held: Held,
+}
+
+impl Streaming {
+    fn chunk(
+        &self,
+        index: usize,
+        delta: Delta,
+        logprobs: Option<ChoiceLogprobs>,
+        finish: Option<&'static str>,
+    ) -> SseEvent {
+        let choice = ChunkChoice {
+            index,
+            delta,
+            logprobs,
+            finish_reason: finish,
+        };
+        self.event(vec![choice], self.include_usage.then_some(None))
+    }
+
+    /// Ends the stream with a 500 error event for `detail` (logged with the request's id, not
+    /// sent: the client is told in plain words), then `[DONE]` as vLLM does, so clients that
+    /// read until `[DONE]` stop too (the OpenAI SDK raises on the error).
+    fn fail(&mut self, detail: String) {
+        let error = {
+            let _entered = self.span.enter();
+            ApiError::internal(detail)
+        };
+        self.pending
+            .push_back(SseEvent::default().data(error.body().to_string()));
+        self.pending.push_back(SseEvent::default().data("[DONE]"));
+        self.finished = true;
+    }
+
+    /// One chunk as an SSE event; `usage` is absent, null, or (last chunk) the totals.
+    fn event(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) -> SseEvent {
+        let chunk = ChatCompletionChunk {
+            id: self.reply.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.reply.created,
+            model: self.reply.model.clone(),
+            choices,
+            usage,
+            system_fingerprint: None,
+        };
+        SseEvent::default().data(serde_json::to_string(&chunk).unwrap_or_default())
+    }
+
+    /// Turns the next engine event into SSE events; false when the stream is over.
+    async fn advance(&mut self) -> bool {
+        if self.finished {
+            return false;
+        }
+        match self.events.next().await {
+            Some(Event::Token {
+                index,
+                id,
+                text,
+                logprob,
+                top_logprobs,
+            }) => {
+                let logprobs =
+                    self.reply
+                        .logprob(id, logprob, &top_logprobs)
+                        .map(|entry| ChoiceLogprobs {
+                            content: vec![entry],
+                        });
+                if !text.is_empty() || logprobs.is_some() {
+                    let delta = Delta {
+                        role: None,
+                        content: Some(text),
+                    };
+                    let chunk = self.chunk(index, delta, logprobs, None);
+                    self.pending.push_back(chunk);
+                }
+            }
+            Some(Event::Finished {
+                index,
+                text,
+                reason,
+                usage,
+                timings,
+                ..
+            }) => {
+                let delta = Delta {
+                    role: None,
+                    content: (!text.is_empty()).then_some(text),
+                };
+                let chunk = self.chunk(index, delta, None, Some(finish_reason(reason)));
+                self.pending.push_back(chunk);
+                add_usage(&mut self.usage, &usage, self.done == 0);
+                self.reply.record(reason, &usage, &timings);
+                self.done += 1;
+                if self.done == self.n {
+                    if self.include_usage {
+                        let event = self.event(Vec::new(), Some(Some(self.usage)));
+                        self.pending.push_back(event);
+                    }
+                    self.pending.push_back(SseEvent::default().data("[DONE]"));
+                    self.finished = true;
+                }
+            }
+            Some(Event::Error { message }) => self.fail(format!("generation failed: {message}")),
+            None => self.fail("the engine stopped mid-request".to_string()),
+        }
+        true
+    }
+}
+
+pub(super) fn stream_reply(
+    reply: Reply,
+    plan: ChatPlan,
+    events: RequestStream,
+    held: Held,
+    span: tracing::Span,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let mut state = Streaming {
+        reply,
+        events,
+        include_usage: plan.include_usage,
+        n: plan.n,
+        done: 0,
+        usage: Usage::default(),
+        pending: VecDeque::new(),
+        finished: false,
+        span,
+        _held: held,
+    };
+    for index in 0..plan.n {
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(String::new()),
+        };
+        let first = state.chunk(index, delta, None, None);
+        state.pending.push_back(first);
+    }
+    // Dropping this stream (the client went away) drops `events`, which cancels the request.
+    let events = stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(event) = state.pending.pop_front() {
+                return Some((Ok(event), state));
+            }
+            if !state.advance().await {
+                return None;
+            }
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+}
