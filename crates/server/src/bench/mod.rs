@@ -19,6 +19,7 @@
 
 mod gpu_memory;
 mod phases;
+mod prompt;
 mod stats;
 
 use crate::model_args::ModelArgs;
@@ -27,7 +28,8 @@ use gpu_memory::MemorySampler;
 use internvl_model::preprocess::preprocess;
 use internvl_server::service::model::Progress;
 use internvl_server::service::request::PreparedImage;
-use phases::{chat_prompt, default_images, Bench};
+use phases::Bench;
+use prompt::{chat_prompt, default_images};
 use serde_json::json;
 use stats::{mib, push, round};
 use std::path::PathBuf;

@@ -2,31 +2,20 @@
 //! token, and concurrency levels, each measured into the report.
 
 use super::gpu_memory::MemorySampler;
+use super::prompt::chat_prompt;
 use super::stats::{decode_window, mib, percentile, round};
 use super::BenchArgs;
 use anyhow::{bail, Context};
 use candle_core::Device;
 use internvl_model::loader::pixel_batch;
 use internvl_model::preprocess::PixelValues;
-use internvl_model::prompt::{ChatMessage, Part, Role};
 use internvl_model::{EncodedPrompt, LoadedModel};
 use internvl_scheduler::{ContentHash, Engine, EngineConfig, Event, SamplingParams, StopParams};
 use internvl_server::service::kv_cache::KvCacheSize;
 use internvl_server::service::request::{request, Generation, PreparedImage};
 use internvl_server::service::{start_engine, EngineShape};
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-/// The question when no `--prompt-tokens` is given (311 prompt tokens with the demo tokenizer).
-const QUESTION: &str = "Please describe this picture in detail: the objects, their colours, \
-                        where they are, and what might happen next.";
-
-/// Words a question of a requested size is cut from (repeated as needed).
-const FILLER: &str = "Please describe this picture in detail: the objects, their colours and \
-                      shapes, where they are, what they are doing, and what might happen next. \
-                      Mention any text you can read, the lighting, the background, the mood of \
-                      the scene and anything that looks unusual or out of place.";
 
 /// One chat's events as the client saw them.
 struct ChatTrace {
@@ -350,76 +339,4 @@ impl Bench<'_> {
             "peak_gpu_used_mib": peak.map(mib),
         }))
     }
-}
-
-/// The prompt of one chat: one image and a question, sized to `text_tokens` text tokens (all
-/// but the visual ones) when given.
-pub(super) fn chat_prompt(
-    loaded: &LoadedModel,
-    text_tokens: Option<usize>,
-) -> anyhow::Result<EncodedPrompt> {
-    let encode = |question: &str| {
-        loaded.encode_prompt(&[ChatMessage {
-            role: Role::User,
-            parts: vec![Part::Image, Part::Text(question.into())],
-        }])
-    };
-    let Some(target) = text_tokens else {
-        return Ok(encode(QUESTION)?);
-    };
-    let visual = loaded.model.config().num_image_tokens();
-    let text_len = |q: &str| -> anyhow::Result<usize> { Ok(encode(q)?.ids.len() - visual) };
-    // Every word adds at least one token: no more than `target` words are ever needed.
-    let words: Vec<&str> = FILLER
-        .split_whitespace()
-        .cycle()
-        .take(target.max(1))
-        .collect();
-    let question = |k: usize| words[..k].join(" ");
-    if text_len(&question(1))? > target {
-        bail!(
-            "--prompt-tokens {target} is below the template's minimum ({} with a one-word question)",
-            text_len(&question(1))?
-        );
-    }
-    // The most words that fit (the count grows with the words).
-    let (mut lo, mut hi) = (1, words.len());
-    while lo < hi {
-        let mid = (lo + hi).div_ceil(2);
-        if text_len(&question(mid))? <= target {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    // Then single-token additions while they fit.
-    let mut q = question(lo);
-    let mut len = text_len(&q)?;
-    'grow: while len < target {
-        for piece in [" a", ".", " I"] {
-            let candidate = format!("{q}{piece}");
-            let n = text_len(&candidate)?;
-            if n > len && n <= target {
-                q = candidate;
-                len = n;
-                continue 'grow;
-            }
-        }
-        break;
-    }
-    Ok(encode(&q)?)
-}
-
-pub(super) fn default_images() -> anyhow::Result<Vec<PathBuf>> {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/images"
-    ));
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "png" || e == "jpg"))
-        .collect();
-    files.sort();
-    Ok(files)
 }
