@@ -1,8 +1,10 @@
-//! The OpenAI-compatible API: wire types, validation, errors and handlers.
+//! The OpenAI-compatible API: wire types (`openai`), request checks (`validate`, `messages`),
+//! errors, request ids, the middleware layers, and the handlers (`routes`, `chat`).
 
 pub mod chat;
 pub mod error;
 pub mod extract;
+pub mod messages;
 pub mod middleware;
 pub mod openai;
 pub mod request_id;

@@ -3,10 +3,11 @@
 use super::chat::chat_completions;
 use super::error::ApiError;
 use super::extract::ApiJson;
+use super::messages::{check_prompt_bytes, convert_messages};
 use super::middleware::{authenticate, body_limits, count_http};
 use super::openai::{ModelCard, ModelList, TokenizeRequest, TokenizeResponse};
 use super::request_id::request_id;
-use super::validate::{check_model, check_prompt_bytes, convert_messages};
+use super::validate::check_model;
 use crate::state::AppState;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
