@@ -15,6 +15,8 @@ mod cuda_kernels;
 mod dense_attention;
 #[cfg(feature = "cuda")]
 pub mod kernel_check;
+#[cfg(feature = "cuda")]
+pub mod kernel_timing;
 pub mod kv_cache;
 mod linear;
 mod llama;

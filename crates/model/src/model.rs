@@ -1,5 +1,6 @@
-//! InternVL-Chat: vision encoder, pixel shuffle, projector and LLaMA, loaded from a
-//! checkpoint directory.
+//! InternVL-Chat: vision encoder, pixel shuffle, projector and LLaMA, built from any source
+//! of tensors named as in the checkpoint (the checkpoint itself, random weights) with the
+//! layers the resolved [`Backends`] name.
 
 use crate::backends::Backends;
 use crate::config::InternVlConfig;

@@ -14,7 +14,8 @@ pub struct CheckKernelsArgs {
 #[cfg(feature = "cuda")]
 pub fn run(args: CheckKernelsArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    use internvl_model::kernel_check::{check_kernels, time_kernels};
+    use internvl_model::kernel_check::check_kernels;
+    use internvl_model::kernel_timing::time_kernels;
 
     let device = candle_core::Device::new_cuda(args.gpu).context("opening the CUDA device")?;
     let checks = check_kernels(&device).context("running the kernel checks")?;
