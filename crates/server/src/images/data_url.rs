@@ -1,7 +1,7 @@
 //! `data:` image URLs: the media type and encoding checked, base64 decoded forgivingly (as
 //! browsers do) with the byte cap enforced from the encoded length, before allocating.
 
-use super::ImageFetchError;
+use super::error::ImageFetchError;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine as _;
 

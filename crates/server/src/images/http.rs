@@ -4,16 +4,47 @@
 //! addresses and a check of IP literals.
 
 use super::address_policy::Classifier;
-use super::{ImageFetchError, ImageFetcher};
+use super::error::ImageFetchError;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::LOCATION;
-use reqwest::Url;
+use reqwest::{Client, Url};
 use std::io;
 use std::net::IpAddr;
+use std::sync::Arc;
 
-impl ImageFetcher {
+/// The HTTP client behind the address policy, with the byte cap and the redirect limit.
+pub(super) struct HttpFetcher {
+    client: Client,
+    classify: Classifier,
+    max_bytes: usize,
+    max_redirects: usize,
+}
+
+impl HttpFetcher {
+    /// A client with no proxy (a proxy would resolve and connect past the guard), its own
+    /// redirect following off and its resolver guarded by `classify`.
+    pub(super) fn new(
+        classify: Classifier,
+        max_bytes: usize,
+        max_redirects: usize,
+    ) -> Result<HttpFetcher, ImageFetchError> {
+        let client = Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(GuardedResolver { classify }))
+            .user_agent(concat!("internvl-server/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ImageFetchError::Config(format!("HTTP client: {e}")))?;
+        Ok(HttpFetcher {
+            client,
+            classify,
+            max_bytes,
+            max_redirects,
+        })
+    }
+
     /// GET `url`, following redirects by hand so that each target is checked like the first.
-    pub(super) async fn fetch_http(&self, mut url: Url) -> Result<Vec<u8>, ImageFetchError> {
+    pub(super) async fn fetch(&self, mut url: Url) -> Result<Vec<u8>, ImageFetchError> {
         let mut redirects = 0;
         loop {
             if !matches!(url.scheme(), "http" | "https") {
@@ -22,7 +53,6 @@ impl ImageFetcher {
             }
             self.check_ip_literal(&url)?;
             let mut response = self
-                .inner
                 .client
                 .get(url.clone())
                 .send()
@@ -35,8 +65,8 @@ impl ImageFetcher {
                     .get(LOCATION)
                     .and_then(|value| value.to_str().ok())
                     .ok_or(ImageFetchError::BadRedirect)?;
-                if redirects == self.inner.max_redirects {
-                    return Err(ImageFetchError::TooManyRedirects(self.inner.max_redirects));
+                if redirects == self.max_redirects {
+                    return Err(ImageFetchError::TooManyRedirects(self.max_redirects));
                 }
                 redirects += 1;
                 url = url
@@ -48,7 +78,7 @@ impl ImageFetcher {
                 // The body is never read, let alone echoed: it may be an internal page.
                 return Err(ImageFetchError::HttpStatus(status.as_u16()));
             }
-            let max = self.inner.max_bytes;
+            let max = self.max_bytes;
             let declared = response.content_length();
             if declared.is_some_and(|len| len > max as u64) {
                 return Err(ImageFetchError::TooLarge(max));
@@ -81,7 +111,7 @@ impl ImageFetcher {
         else {
             return Ok(());
         };
-        match (self.inner.classify)(ip) {
+        match (self.classify)(ip) {
             Some(class) => Err(ImageFetchError::BlockedAddress { ip, class }),
             None => Ok(()),
         }
@@ -92,8 +122,8 @@ impl ImageFetcher {
 /// classifier allows, so the addresses checked are the addresses connected to. A name with no
 /// allowed address fails with [`ImageFetchError::BlockedAddress`], found again by
 /// [`request_error`] in the error's source chain.
-pub(super) struct GuardedResolver {
-    pub(super) classify: Classifier,
+struct GuardedResolver {
+    classify: Classifier,
 }
 
 impl Resolve for GuardedResolver {
@@ -149,7 +179,7 @@ fn request_error(err: reqwest::Error) -> ImageFetchError {
 #[cfg(test)]
 mod tests {
     use super::super::test_support::*;
-    use super::super::ImageFetchConfig;
+    use super::super::{ImageFetchConfig, ImageFetcher};
     use super::*;
     use std::io::{Read as _, Write as _};
     use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -2,7 +2,7 @@
 //! symlinks resolved), only regular files (a FIFO or device is refused without a blocking
 //! open), at most the byte cap.
 
-use super::ImageFetchError;
+use super::error::ImageFetchError;
 use reqwest::Url;
 use std::fs::OpenOptions;
 use std::io::{self, Read as _};

@@ -32,11 +32,12 @@
 //! the limit and errors are ours.
 //!
 //! Each kind of URL has its file: [`data_url`], [`http`] (whose SSRF guard asks
-//! [`address_policy`]) and [`local_file`]; this one holds the entry point
-//! ([`ImageFetcher::fetch`]), its configuration and its errors.
+//! [`address_policy`]) and [`local_file`], and the errors theirs ([`error`]); this one holds
+//! the entry point ([`ImageFetcher::fetch`]) and its configuration.
 
 mod address_policy;
 mod data_url;
+mod error;
 mod http;
 mod local_file;
 #[cfg(test)]
@@ -45,10 +46,10 @@ mod test_support;
 use crate::settings::defaults;
 use address_policy::{blocked_address_class, Classifier};
 use data_url::decode_data_url;
-use http::GuardedResolver;
+pub use error::ImageFetchError;
+use http::HttpFetcher;
 use local_file::{read_local_file, LocalDir};
-use reqwest::{Client, Url};
-use std::net::IpAddr;
+use reqwest::Url;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,51 +83,6 @@ impl Default for ImageFetchConfig {
     }
 }
 
-/// Why an image URL could not be resolved. The messages are written for API clients.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ImageFetchError {
-    #[error("invalid image URL: {0}")]
-    InvalidUrl(String),
-    #[error("image URL scheme `{0}` is not supported")]
-    UnsupportedScheme(String),
-    #[error("invalid image data URL: {0}")]
-    InvalidDataUrl(&'static str),
-    #[error("image URL host resolves to {ip} ({class} address), which is not allowed")]
-    BlockedAddress { ip: IpAddr, class: &'static str },
-    #[error("image exceeds {0} bytes")]
-    TooLarge(usize),
-    #[error("fetching the image timed out after {}", format_duration(*.0))]
-    Timeout(Duration),
-    #[error("image URL returned HTTP {0}")]
-    HttpStatus(u16),
-    #[error("too many redirects (more than {0})")]
-    TooManyRedirects(usize),
-    #[error("image URL returned a redirect without a valid Location header")]
-    BadRedirect,
-    #[error("could not fetch the image: {0}")]
-    Request(String),
-    #[error("file URLs are not enabled on this server")]
-    LocalFilesDisabled,
-    #[error("image file is outside the allowed directory")]
-    OutsideLocalDir,
-    #[error("image file not found")]
-    LocalFileNotFound,
-    #[error("could not read the image file: {0}")]
-    LocalFile(String),
-    /// From [`ImageFetcher::new`] only: an operator error, not a client one.
-    #[error("invalid image fetch configuration: {0}")]
-    Config(String),
-}
-
-/// "10 s" for whole seconds (the usual configuration), "250 ms" otherwise.
-fn format_duration(d: Duration) -> String {
-    if d.subsec_nanos() == 0 {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{} ms", d.as_millis())
-    }
-}
-
 /// Resolves image URLs to bytes. Cloning shares the HTTP connection pool.
 #[derive(Clone)]
 pub struct ImageFetcher {
@@ -134,11 +90,9 @@ pub struct ImageFetcher {
 }
 
 struct Inner {
-    client: Client,
-    classify: Classifier,
+    http: HttpFetcher,
     timeout: Duration,
     max_bytes: usize,
-    max_redirects: usize,
     local_dir: Option<LocalDir>,
 }
 
@@ -161,20 +115,12 @@ impl ImageFetcher {
         classify: Classifier,
     ) -> Result<Self, ImageFetchError> {
         let local_dir = config.allowed_local_dir.map(LocalDir::new).transpose()?;
-        let client = Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(GuardedResolver { classify }))
-            .user_agent(concat!("internvl-server/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ImageFetchError::Config(format!("HTTP client: {e}")))?;
+        let http = HttpFetcher::new(classify, config.max_bytes, config.max_redirects)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
-                classify,
+                http,
                 timeout: config.timeout,
                 max_bytes: config.max_bytes,
-                max_redirects: config.max_redirects,
                 local_dir,
             }),
         })
@@ -208,7 +154,7 @@ impl ImageFetcher {
         let timeout = self.inner.timeout;
         let timed_out = |_| ImageFetchError::Timeout(timeout);
         match parsed.scheme() {
-            "http" | "https" => tokio::time::timeout(timeout, self.fetch_http(parsed))
+            "http" | "https" => tokio::time::timeout(timeout, self.inner.http.fetch(parsed))
                 .await
                 .map_err(timed_out)?,
             "file" => {
