@@ -1,4 +1,5 @@
-//! What every handler shares: the model once loaded, the engine, limits and metrics.
+//! What every handler shares: the model once loaded, the engine, limits and metrics; and the
+//! [`Refusal`]s of a request it cannot take now, which the API answers with their statuses.
 
 use crate::images::ImageFetcher;
 use crate::metrics::Metrics;

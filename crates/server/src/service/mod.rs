@@ -38,7 +38,7 @@ pub struct Service {
 
 impl Service {
     /// Starts the engine over `loaded`, shaped by `shape`; `tune` sets the engine's other
-    /// knobs (batch limits, caching).
+    /// knobs (batch limits, caching), never the KV cache's size, which is the shape's.
     pub fn start(
         loaded: LoadedModel,
         shape: &EngineShape,
@@ -88,6 +88,9 @@ where
     )?;
     let (mut config, runner) = layout.parts(loaded, max_model_len)?;
     tune(&mut config);
+    if (config.num_blocks, config.block_size) != (layout.num_blocks(), shape.block_size) {
+        bail!("the engine's KV cache must be the one its runner holds: set it in the shape");
+    }
     let runner = wrap(loaded, runner);
     let decoder = Arc::new(TokenizerDecoder(loaded.tokenizer.clone()));
     let engine = Engine::start(runner, config, decoder).map_err(anyhow::Error::msg)?;
