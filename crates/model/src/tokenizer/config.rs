@@ -7,9 +7,12 @@
 //! special tokens and the two other files are ignored; older checkpoints take special tokens
 //! from `special_tokens_map.json` and added tokens from `added_tokens.json`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Value};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
 
 use super::TokenizerError;
 
@@ -80,74 +83,113 @@ fn config_error(path: &Path, reason: impl Into<String>) -> TokenizerError {
     }
 }
 
-fn as_object<'a>(path: &Path, value: &'a Value) -> Result<&'a Map<String, Value>, TokenizerError> {
-    value
-        .as_object()
-        .ok_or_else(|| config_error(path, "expected a JSON object"))
+/// The serde struct `T` from a file's JSON object; errors name the file and the field.
+fn fields<T: DeserializeOwned>(path: &Path, value: &Value) -> Result<T, TokenizerError> {
+    if !value.is_object() {
+        return Err(config_error(path, "expected a JSON object"));
+    }
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| config_error(path, format!("{}: {}", e.path(), e.inner())))
 }
 
-/// A special token value: a string, or an `AddedToken` dict with `content`.
-fn token_content(path: &Path, key: &str, value: &Value) -> Result<Option<String>, TokenizerError> {
-    match value {
-        Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(s.clone())),
-        Value::Object(o) => match o.get("content") {
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            _ => Err(config_error(
-                path,
-                format!("{key}: token object without a string \"content\""),
-            )),
-        },
-        _ => Err(config_error(
-            path,
-            format!("{key}: expected a string or a token object"),
-        )),
+/// A special token as the files write it: the text, or an `AddedToken` object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TokenValue {
+    Text(String),
+    Object { content: String },
+}
+
+impl TokenValue {
+    fn content(self) -> String {
+        match self {
+            TokenValue::Text(content) | TokenValue::Object { content } => content,
+        }
     }
 }
 
-fn token_list(path: &Path, key: &str, value: &Value) -> Result<Vec<String>, TokenizerError> {
-    let Value::Array(items) = value else {
-        return Err(config_error(path, format!("{key}: expected a list")));
-    };
-    items
-        .iter()
-        .filter_map(|v| token_content(path, key, v).transpose())
-        .collect()
+/// A field that is there (`Some`, even when null) or not (`None`, through `default`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
-fn bool_field(
-    path: &Path,
-    config: &Map<String, Value>,
-    key: &str,
-    default: bool,
-) -> Result<bool, TokenizerError> {
-    match config.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(config_error(path, format!("{key}: expected true or false"))),
+/// The special tokens `tokenizer_config.json` and `special_tokens_map.json` both may name: a
+/// field there but null unsets the token; a field not there leaves it as it was.
+#[derive(Deserialize)]
+struct SpecialTokenFields {
+    #[serde(default, deserialize_with = "present")]
+    bos_token: Option<Option<TokenValue>>,
+    #[serde(default, deserialize_with = "present")]
+    eos_token: Option<Option<TokenValue>>,
+    #[serde(default, deserialize_with = "present")]
+    unk_token: Option<Option<TokenValue>>,
+    #[serde(default, deserialize_with = "present")]
+    sep_token: Option<Option<TokenValue>>,
+    #[serde(default, deserialize_with = "present")]
+    pad_token: Option<Option<TokenValue>>,
+    #[serde(default, deserialize_with = "present")]
+    cls_token: Option<Option<TokenValue>>,
+    #[serde(default, deserialize_with = "present")]
+    mask_token: Option<Option<TokenValue>>,
+    #[serde(default, deserialize_with = "present")]
+    additional_special_tokens: Option<Vec<Option<TokenValue>>>,
+}
+
+impl SpecialTokenFields {
+    /// The single tokens in [`SINGLE_SPECIAL_TOKENS`] order, and the additional ones.
+    fn split(self) -> (SingleTokens, Option<Vec<String>>) {
+        let single = [
+            self.bos_token,
+            self.eos_token,
+            self.unk_token,
+            self.sep_token,
+            self.pad_token,
+            self.cls_token,
+            self.mask_token,
+        ]
+        .map(|token| token.map(|t| t.map(TokenValue::content)));
+        let additional = self.additional_special_tokens.map(|list| {
+            list.into_iter()
+                .flatten()
+                .map(TokenValue::content)
+                .collect()
+        });
+        (single, additional)
     }
 }
 
-fn id_field(path: &Path, key: &str, value: &Value) -> Result<u32, TokenizerError> {
-    value
-        .as_u64()
-        .and_then(|id| u32::try_from(id).ok())
-        .ok_or_else(|| config_error(path, format!("{key}: expected a token id")))
+/// Per [`SINGLE_SPECIAL_TOKENS`] entry: `None` not named, `Some(None)` unset.
+type SingleTokens = [Option<Option<String>>; 7];
+
+/// The settings of `tokenizer_config.json` besides its special tokens.
+#[derive(Deserialize)]
+struct TokenizerSettings {
+    /// Only a string names a class, as transformers reads it.
+    tokenizer_class: Option<Value>,
+    legacy: Option<bool>,
+    add_bos_token: Option<bool>,
+    add_eos_token: Option<bool>,
+    clean_up_tokenization_spaces: Option<bool>,
+    /// Null is refused, as transformers would fail on it.
+    #[serde(default, deserialize_with = "present")]
+    added_tokens_decoder: Option<BTreeMap<String, Value>>,
 }
 
 /// `added_tokens_decoder`: `{"id": {"content": ..., "lstrip": ..., ...}}`.
 fn parse_added_tokens_decoder(
     path: &Path,
-    value: &Value,
+    decoder: BTreeMap<String, Value>,
 ) -> Result<Vec<AddedTokenEntry>, TokenizerError> {
     let mut entries = Vec::new();
-    for (id, token) in as_object(path, value)? {
+    for (id, token) in decoder {
         let key = format!("added_tokens_decoder.{id}");
         let id = id
             .parse()
             .map_err(|_| config_error(path, format!("{key}: the key is not a token id")))?;
-        let content = token_content(path, &key, token)?
-            .ok_or_else(|| config_error(path, format!("{key}: token without content")))?;
+        let content = Option::<TokenValue>::deserialize(&token)
+            .map_err(|e| config_error(path, format!("{key}: {e}")))?
+            .ok_or_else(|| config_error(path, format!("{key}: token without content")))?
+            .content();
         let flag = |name: &str| token.get(name).and_then(Value::as_bool).unwrap_or(false);
         let strips_neighbours = flag("lstrip") || flag("rstrip") || flag("single_word");
         entries.push(AddedTokenEntry {
@@ -165,54 +207,50 @@ impl CheckpointConfig {
     /// settings take `LlamaTokenizer`'s defaults (`<s>`, `</s>`, `<unk>`, BOS added, EOS not).
     pub(crate) fn load(dir: &Path) -> Result<Self, TokenizerError> {
         let path = dir.join(TOKENIZER_CONFIG);
-        let config = match read_json(&path)? {
-            Some(value) => as_object(&path, &value)?.clone(),
-            None => Map::new(),
-        };
-        let mut single: Vec<(String, Option<String>)> = Vec::new();
-        for key in SINGLE_SPECIAL_TOKENS {
-            let default = match key {
-                "bos_token" => Some("<s>".to_owned()),
-                "eos_token" => Some("</s>".to_owned()),
-                "unk_token" => Some("<unk>".to_owned()),
-                _ => None,
-            };
-            let value = match config.get(key) {
-                Some(v) => token_content(&path, key, v)?,
-                None => default,
-            };
-            single.push((key.to_owned(), value));
-        }
-        let mut additional = match config.get("additional_special_tokens") {
-            Some(v) => token_list(&path, "additional_special_tokens", v)?,
-            None => Vec::new(),
-        };
+        let config = read_json(&path)?.unwrap_or_else(|| Value::Object(Default::default()));
+        let settings: TokenizerSettings = fields(&path, &config)?;
+        let (named, additional) = fields::<SpecialTokenFields>(&path, &config)?.split();
+        let defaults = [
+            Some("<s>"),
+            Some("</s>"),
+            Some("<unk>"),
+            None,
+            None,
+            None,
+            None,
+        ];
+        let mut single: Vec<Option<String>> = named
+            .into_iter()
+            .zip(defaults)
+            .map(|(named, default)| named.unwrap_or_else(|| default.map(str::to_owned)))
+            .collect();
+        let mut additional = additional.unwrap_or_default();
 
-        let added_tokens = match config.get("added_tokens_decoder") {
+        let added_tokens = match settings.added_tokens_decoder {
             Some(decoder) => parse_added_tokens_decoder(&path, decoder)?,
             None => {
                 let map_path = dir.join(SPECIAL_TOKENS_MAP);
                 if let Some(map) = read_json(&map_path)? {
-                    for (key, value) in as_object(&map_path, &map)? {
-                        if key == "additional_special_tokens" {
-                            for token in token_list(&map_path, key, value)? {
-                                if !additional.contains(&token) {
-                                    additional.push(token);
-                                }
-                            }
-                        } else if let Some(slot) = single.iter_mut().find(|(k, _)| k == key) {
-                            slot.1 = token_content(&map_path, key, value)?;
+                    let (named, listed) = fields::<SpecialTokenFields>(&map_path, &map)?.split();
+                    for token in listed.into_iter().flatten() {
+                        if !additional.contains(&token) {
+                            additional.push(token);
+                        }
+                    }
+                    for (slot, named) in single.iter_mut().zip(named) {
+                        if let Some(token) = named {
+                            *slot = token;
                         }
                     }
                 }
                 let added_path = dir.join(ADDED_TOKENS);
                 let mut entries = Vec::new();
                 if let Some(added) = read_json(&added_path)? {
-                    for (content, id) in as_object(&added_path, &added)? {
-                        let id = id_field(&added_path, content, id)?;
+                    let ids: BTreeMap<String, u32> = fields(&added_path, &added)?;
+                    for (content, id) in ids {
                         entries.push(AddedTokenEntry {
                             id,
-                            content: content.clone(),
+                            content,
                             strips_neighbours: false,
                         });
                     }
@@ -223,38 +261,25 @@ impl CheckpointConfig {
         };
 
         let mut special_tokens: Vec<String> = Vec::new();
-        for token in single
-            .iter()
-            .filter_map(|(_, v)| v.clone())
-            .chain(additional.iter().cloned())
-        {
-            if !special_tokens.contains(&token) {
-                special_tokens.push(token);
+        for token in single.iter().flatten().chain(&additional) {
+            if !special_tokens.contains(token) {
+                special_tokens.push(token.clone());
             }
         }
         let get = |key: &str| {
-            single
-                .iter()
-                .find(|(k, _)| k == key)
-                .and_then(|(_, v)| v.clone())
+            let i = SINGLE_SPECIAL_TOKENS.iter().position(|k| *k == key)?;
+            single[i].clone()
         };
         Ok(CheckpointConfig {
-            tokenizer_class: config
-                .get("tokenizer_class")
+            tokenizer_class: settings
+                .tokenizer_class
+                .as_ref()
                 .and_then(Value::as_str)
                 .map(str::to_owned),
-            legacy: match config.get("legacy") {
-                None | Some(Value::Null) => None,
-                Some(_) => Some(bool_field(&path, &config, "legacy", true)?),
-            },
-            add_bos_token: bool_field(&path, &config, "add_bos_token", true)?,
-            add_eos_token: bool_field(&path, &config, "add_eos_token", false)?,
-            clean_up_tokenization_spaces: bool_field(
-                &path,
-                &config,
-                "clean_up_tokenization_spaces",
-                false,
-            )?,
+            legacy: settings.legacy,
+            add_bos_token: settings.add_bos_token.unwrap_or(true),
+            add_eos_token: settings.add_eos_token.unwrap_or(false),
+            clean_up_tokenization_spaces: settings.clean_up_tokenization_spaces.unwrap_or(false),
             bos_token: get("bos_token"),
             eos_token: get("eos_token"),
             special_tokens,
@@ -308,6 +333,21 @@ mod tests {
         assert_eq!(config.bos_token.as_deref(), Some("<s>"));
         assert_eq!(config.special_tokens, ["<s>", "</s>", "<unk>"]);
         assert!(config.added_tokens.is_empty());
+    }
+
+    /// A token written as null is unset; one not written keeps its default.
+    #[test]
+    fn null_unsets_a_token_and_absence_keeps_the_default() {
+        let dir = temp_dir("null");
+        write(
+            &dir,
+            TOKENIZER_CONFIG,
+            serde_json::json!({"bos_token": null, "eos_token": {"content": "<e>"}}),
+        );
+        let config = CheckpointConfig::load(&dir).unwrap();
+        assert_eq!(config.bos_token, None);
+        assert_eq!(config.eos_token.as_deref(), Some("<e>"));
+        assert_eq!(config.special_tokens, ["<e>", "<unk>"]);
     }
 
     #[test]
