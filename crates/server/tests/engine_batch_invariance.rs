@@ -2,10 +2,12 @@
 //! batch, whenever it arrives, however it is chunked, preempted or served from the prefix
 //! cache, each greedy request yields exactly the tokens it yields alone.
 
-use candle_core::Device;
+mod common;
+
+use common::{demo_source, root};
 use internvl_model::preprocess::{preprocess, PixelValues};
 use internvl_model::prompt::{ChatMessage, Part, Role};
-use internvl_model::{AttentionChoice, LoadedModel};
+use internvl_model::LoadedModel;
 use internvl_scheduler::output::channel;
 use internvl_scheduler::scheduler::Scheduler;
 use internvl_scheduler::{
@@ -14,19 +16,14 @@ use internvl_scheduler::{
 use internvl_server::runner::{CandleRunner, TokenizerDecoder};
 use internvl_server::service;
 use internvl_server::service::kv_cache::KvCacheSize;
-use internvl_server::service::model::{ModelSource, Progress};
+use internvl_server::service::model::Progress;
 use internvl_server::service::request::{Generation, PreparedImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::Path;
 use std::sync::Arc;
 
 const BLOCK_SIZE: usize = 16;
 const MAX_TOKENS: usize = 24;
-
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
 
 struct Fixture {
     loaded: LoadedModel,
@@ -34,14 +31,7 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let source = ModelSource {
-        dir: root().join("models/demo-internvl"),
-        random_weights: None,
-        device: Device::Cpu,
-        dtype: None,
-        attention: AttentionChoice::Auto,
-    };
-    let loaded = source.load(Progress::Quiet).unwrap();
+    let loaded = demo_source().load(Progress::Quiet).unwrap();
     let images = [
         "model-a.png",
         "model-b.png",
