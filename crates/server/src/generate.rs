@@ -11,11 +11,10 @@ use internvl_server::service::kv_cache::KvCacheSize;
 use internvl_server::service::model::Progress;
 use internvl_server::service::request::{request, Generation, PreparedImage};
 use internvl_server::service::{EngineShape, Service};
+use internvl_server::settings::defaults;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-const BLOCK_SIZE: usize = 16;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -90,7 +89,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     let shape = EngineShape {
-        block_size: BLOCK_SIZE,
+        block_size: defaults::BLOCK_SIZE,
         max_model_len: None,
         kv_cache: KvCacheSize::Sequences {
             count: 1,

@@ -5,6 +5,7 @@
 use internvl_model::AttentionChoice;
 use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
 use internvl_server::service::model::ModelSource;
+use internvl_server::settings::defaults;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -18,14 +19,14 @@ pub struct ModelArgs {
     #[arg(long, value_name = "CONFIG_JSON")]
     pub random_weights: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = defaults::DEVICE)]
     pub device: String,
     /// auto (f32 on CPU, bf16 on CUDA), f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = defaults::DTYPE)]
     pub dtype: String,
     /// Attention: auto (the device's fastest), kernels (the CUDA kernels) or matmul (candle's
     /// ops everywhere).
-    #[arg(long, env = "INTERNVL_ATTENTION", default_value = "auto")]
+    #[arg(long, env = "INTERNVL_ATTENTION", default_value = defaults::ATTENTION)]
     pub attention: AttentionChoice,
 }
 

@@ -28,6 +28,7 @@ use gpu_memory::MemorySampler;
 use internvl_model::preprocess::preprocess;
 use internvl_server::service::model::Progress;
 use internvl_server::service::request::PreparedImage;
+use internvl_server::settings::defaults;
 use phases::Bench;
 use prompt::{chat_prompt, default_images};
 use serde_json::json;
@@ -113,9 +114,9 @@ pub struct BenchArgs {
     /// image counts as new, so the vision encoder runs for each).
     #[arg(long)]
     caching: bool,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = defaults::BLOCK_SIZE)]
     block_size: usize,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = defaults::MAX_NUM_BATCHED_TOKENS)]
     max_num_batched_tokens: usize,
 }
 
