@@ -108,31 +108,42 @@ impl TokenValue {
     }
 }
 
-/// A field that is there (`Some`, even when null) or not (`None`, through `default`).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
-    T::deserialize(d).map(Some)
+/// A field as a file has it: not there, or there with a value (which may be null), told
+/// apart because a token written as null is unset while a token not written keeps its default.
+#[derive(Default)]
+enum Named<T> {
+    #[default]
+    Absent,
+    Given(T),
 }
 
-/// The special tokens `tokenizer_config.json` and `special_tokens_map.json` both may name: a
-/// field there but null unsets the token; a field not there leaves it as it was.
-#[derive(Deserialize)]
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Named<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(d).map(Self::Given)
+    }
+}
+
+impl<T> Named<T> {
+    fn given(self) -> Option<T> {
+        match self {
+            Self::Absent => None,
+            Self::Given(value) => Some(value),
+        }
+    }
+}
+
+/// The special tokens `tokenizer_config.json` and `special_tokens_map.json` both may name.
+#[derive(Deserialize, Default)]
+#[serde(default)]
 struct SpecialTokenFields {
-    #[serde(default, deserialize_with = "present")]
-    bos_token: Option<Option<TokenValue>>,
-    #[serde(default, deserialize_with = "present")]
-    eos_token: Option<Option<TokenValue>>,
-    #[serde(default, deserialize_with = "present")]
-    unk_token: Option<Option<TokenValue>>,
-    #[serde(default, deserialize_with = "present")]
-    sep_token: Option<Option<TokenValue>>,
-    #[serde(default, deserialize_with = "present")]
-    pad_token: Option<Option<TokenValue>>,
-    #[serde(default, deserialize_with = "present")]
-    cls_token: Option<Option<TokenValue>>,
-    #[serde(default, deserialize_with = "present")]
-    mask_token: Option<Option<TokenValue>>,
-    #[serde(default, deserialize_with = "present")]
-    additional_special_tokens: Option<Vec<Option<TokenValue>>>,
+    bos_token: Named<Option<TokenValue>>,
+    eos_token: Named<Option<TokenValue>>,
+    unk_token: Named<Option<TokenValue>>,
+    sep_token: Named<Option<TokenValue>>,
+    pad_token: Named<Option<TokenValue>>,
+    cls_token: Named<Option<TokenValue>>,
+    mask_token: Named<Option<TokenValue>>,
+    additional_special_tokens: Named<Vec<Option<TokenValue>>>,
 }
 
 impl SpecialTokenFields {
@@ -147,8 +158,8 @@ impl SpecialTokenFields {
             self.cls_token,
             self.mask_token,
         ]
-        .map(|token| token.map(|t| t.map(TokenValue::content)));
-        let additional = self.additional_special_tokens.map(|list| {
+        .map(|token| token.given().map(|t| t.map(TokenValue::content)));
+        let additional = self.additional_special_tokens.given().map(|list| {
             list.into_iter()
                 .flatten()
                 .map(TokenValue::content)
@@ -171,8 +182,8 @@ struct TokenizerSettings {
     add_eos_token: Option<bool>,
     clean_up_tokenization_spaces: Option<bool>,
     /// Null is refused, as transformers would fail on it.
-    #[serde(default, deserialize_with = "present")]
-    added_tokens_decoder: Option<BTreeMap<String, Value>>,
+    #[serde(default)]
+    added_tokens_decoder: Named<BTreeMap<String, Value>>,
 }
 
 /// `added_tokens_decoder`: `{"id": {"content": ..., "lstrip": ..., ...}}`.
@@ -226,7 +237,7 @@ impl CheckpointConfig {
             .collect();
         let mut additional = additional.unwrap_or_default();
 
-        let added_tokens = match settings.added_tokens_decoder {
+        let added_tokens = match settings.added_tokens_decoder.given() {
             Some(decoder) => parse_added_tokens_decoder(&path, decoder)?,
             None => {
                 let map_path = dir.join(SPECIAL_TOKENS_MAP);
