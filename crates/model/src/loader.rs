@@ -125,12 +125,6 @@ impl LoadedModel {
             image_offsets,
         })
     }
-
-    /// Stacks preprocessed images into the vision encoder's input [B, 3, H, W].
-    pub fn pixel_tensor(&self, images: &[PixelValues]) -> candle_core::Result<Tensor> {
-        let images: Vec<&PixelValues> = images.iter().collect();
-        pixel_batch(&images, self.model.device())
-    }
 }
 
 /// Everything a chat needs besides the weights: the tokenizer, checked against the model's

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
+use internvl_model::loader::pixel_batch;
 use internvl_model::prompt::{ChatMessage, Part, Role};
 use internvl_model::{AttentionChoice, Backends, LoadedModel, PagedKvCache, SequenceSlice};
 use serde_json::Value;
@@ -116,7 +117,9 @@ pub fn image_rows(loaded: &LoadedModel, files: &[PathBuf]) -> Option<Tensor> {
         .collect();
     let embeds = loaded
         .model
-        .encode_images(&loaded.pixel_tensor(&pixels).unwrap())
+        .encode_images(
+            &pixel_batch(&pixels.iter().collect::<Vec<_>>(), loaded.model.device()).unwrap(),
+        )
         .unwrap();
     Some(embeds.flatten_to(1).unwrap())
 }
