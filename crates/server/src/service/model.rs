@@ -44,7 +44,7 @@ impl ModelSource {
             self.random_weights.as_deref(),
             &self.device,
             self.dtype,
-            internvl_model::AttentionChoice::Auto,
+            self.attention,
             report,
         )?;
         if progress == Progress::Shown && std::io::stderr().is_terminal() {
