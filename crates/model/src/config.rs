@@ -3,11 +3,11 @@
 //! Every dimension the forward needs is read from here, never assumed: the fixture checkpoint
 //! and the published one differ in every size, and fields that upstream leaves out
 //! (`ps_version`, `vision_config.norm_type`) carry the defaults upstream gives them. serde
-//! reads the file's layout (`config_file`); the typed config is then checked for what the
+//! reads the file's layout (`config_file`, which also holds the readers `from_dir` and
+//! `from_file`); the typed config is then checked for what the
 //! forward relies on, each error naming the file and the field.
 
 use serde::Deserialize;
-use std::path::Path;
 
 /// Why a `config.json` could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -112,41 +112,6 @@ pub struct InternVlConfig {
 }
 
 impl InternVlConfig {
-    /// Reads `config.json` from a checkpoint directory.
-    pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
-        Self::from_file(&dir.join("config.json"))
-    }
-
-    /// Reads a config file of that format wherever it is: random weights need no checkpoint.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        Self::from_json(&text, &shown)
-    }
-
-    /// Parses the JSON text of a `config.json`; `path` names it in errors.
-    fn from_json(text: &str, path: &str) -> Result<Self, ConfigError> {
-        let file = crate::config_file::parse(text, path)?;
-        let config = file
-            .into_config()
-            .map_err(|(field, reason)| ConfigError::Invalid {
-                path: path.to_string(),
-                field: field.to_string(),
-                reason,
-            })?;
-        config
-            .validate()
-            .map_err(|(field, reason)| ConfigError::Invalid {
-                path: path.to_string(),
-                field: field.to_string(),
-                reason,
-            })?;
-        Ok(config)
-    }
-
     /// Number of ViT layers that must run: the one `select_layer` points at and all before it.
     pub fn vision_layers_used(&self) -> usize {
         let states = self.vision.num_hidden_layers as i64 + 1;
@@ -171,7 +136,7 @@ impl InternVlConfig {
     }
 
     /// The relations between fields the forward relies on; an error names the field.
-    fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
         let v = &self.vision;
         if v.hidden_size % v.num_attention_heads != 0 {
             return Err((

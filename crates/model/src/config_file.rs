@@ -10,6 +10,44 @@ use crate::config::{
 };
 use serde::Deserialize;
 use serde_json::Value;
+use std::path::Path;
+
+impl InternVlConfig {
+    /// Reads `config.json` from a checkpoint directory.
+    pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
+        Self::from_file(&dir.join("config.json"))
+    }
+
+    /// Reads a config file of that format wherever it is: random weights need no checkpoint.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::from_json(&text, &shown)
+    }
+
+    /// Parses the JSON text of a `config.json`; `path` names it in errors.
+    pub(crate) fn from_json(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let file = parse(text, path)?;
+        let config = file
+            .into_config()
+            .map_err(|(field, reason)| ConfigError::Invalid {
+                path: path.to_string(),
+                field: field.to_string(),
+                reason,
+            })?;
+        config
+            .validate()
+            .map_err(|(field, reason)| ConfigError::Invalid {
+                path: path.to_string(),
+                field: field.to_string(),
+                reason,
+            })?;
+        Ok(config)
+    }
+}
 
 /// A field (its full dotted path) and why it is refused.
 type FieldError = (&'static str, String);

@@ -113,6 +113,7 @@ impl Attention {
         &self,
         xs: &Tensor,
         plan: &BatchPlan,
+        attention: &AttentionPlan,
         cache: (&Tensor, &Tensor),
     ) -> Result<Tensor> {
         let t = xs.dim(0)?;
@@ -136,7 +137,7 @@ impl Attention {
         k_cache.scatter_set(&plan.write_index, &k, 0)?;
         v_cache.scatter_set(&plan.write_index, &v, 0)?;
 
-        let out = match &plan.attention {
+        let out = match attention {
             AttentionPlan::CpuInPlace => self.attend_cpu(&q, plan, cache)?,
             AttentionPlan::Matmul => self.attend_matmul(&q, plan, cache)?,
             #[cfg(feature = "cuda")]

@@ -1,7 +1,7 @@
-//! What every layer of one forward shares: the batch's positions, rotary tables, cache slots
-//! and attention plan, computed and checked once before the first layer.
+//! What every layer of one forward shares: the batch's positions, rotary tables and cache
+//! slots, computed and checked once before the first layer (the attention backend's own plan
+//! of the batch is made from these slots, in `attention`).
 
-use super::attention::{AttentionKind, AttentionPlan};
 use super::rotary::Rotary;
 use crate::kv_cache::{PagedKvCache, SequenceSlice};
 use candle_core::{Result, Tensor};
@@ -16,7 +16,6 @@ pub(super) struct BatchPlan<'a> {
     pub(super) write_index: Tensor,
     /// Per sequence: cache slots of positions `0..start + len`, read by attention.
     pub(super) read_slots: Vec<Vec<u32>>,
-    pub(super) attention: AttentionPlan,
 }
 
 /// The model's dimensions a plan is checked against and shaped by.
@@ -25,7 +24,6 @@ pub(super) struct PlanShape<'a> {
     pub(super) max_positions: usize,
     pub(super) num_kv_heads: usize,
     pub(super) head_dim: usize,
-    pub(super) attention: AttentionKind,
 }
 
 impl<'a> BatchPlan<'a> {
@@ -66,9 +64,6 @@ impl<'a> BatchPlan<'a> {
             write_slots.extend_from_slice(&slots[slice.start..]);
             read_slots.push(slots);
         }
-        let attention = shape
-            .attention
-            .plan(slices, &read_slots, cache.block_size(), device)?;
         Ok(Self {
             slices,
             rope: shape.rotary.at(&Tensor::new(positions, device)?)?,
@@ -77,7 +72,6 @@ impl<'a> BatchPlan<'a> {
                 .broadcast_as((tokens, shape.num_kv_heads, shape.head_dim))?
                 .contiguous()?,
             read_slots,
-            attention,
         })
     }
 }

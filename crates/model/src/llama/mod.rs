@@ -13,7 +13,7 @@ use crate::config::LlmConfig;
 use crate::cpu_ops::Elementwise;
 use crate::kv_cache::{PagedKvCache, SequenceSlice};
 use crate::linear::{linear_no_bias, Linear};
-use attention::{Attention, AttentionKind};
+use attention::{Attention, AttentionKind, AttentionPlan};
 use batch_plan::{BatchPlan, PlanShape};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
@@ -71,10 +71,16 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, plan: &BatchPlan, cache: (&Tensor, &Tensor)) -> Result<Tensor> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(xs)?, plan, cache)?;
+    fn forward(
+        &self,
+        xs: &Tensor,
+        plan: &BatchPlan,
+        attention: &AttentionPlan,
+        cache: (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(xs)?, plan, attention, cache)?;
         let xs = (xs + attn)?;
         let mlp = self
             .mlp
@@ -139,12 +145,14 @@ impl Llama {
             max_positions: self.max_positions,
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
-            attention: self.attention,
         };
         let plan = BatchPlan::new(embeddings, slices, cache, &shape)?;
+        let attention =
+            self.attention
+                .plan(slices, &plan.read_slots, cache.block_size(), device)?;
         let mut xs = embeddings.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, &plan, cache.layer(i))?;
+            xs = layer.forward(&xs, &plan, &attention, cache.layer(i))?;
         }
         let mut last = Vec::new();
         let mut end = 0;
