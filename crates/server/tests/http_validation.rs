@@ -202,7 +202,8 @@ async fn unknown_model_names_are_not_echoed_whole() {
 
 /// Two prompts of several megabytes take seconds each to tokenize. Tokenized on the async
 /// workers (two here, as on a two-core machine), they held both and `/health` waited for them;
-/// on the blocking pool, `/health` answers at once.
+/// on the blocking pool, `/health` answers while they are still being tokenized: the proof is
+/// the order of events (answers that arrive before either prompt's reply), not a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_prompts_never_stall_other_routes() {
     const PROMPT_BYTES: usize = 3 << 20;
@@ -231,14 +232,14 @@ async fn long_prompts_never_stall_other_routes() {
         .collect();
     // Let both bodies arrive and their tokenization start.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut slowest = Duration::ZERO;
-    let mut probes = 0;
-    while !jobs.iter().all(|j| j.is_finished()) {
-        let asked = Instant::now();
+    // Health answers received while neither prompt has had its reply.
+    let mut answered_during = 0;
+    while !jobs.iter().any(|j| j.is_finished()) {
         let r = s.client.get(s.url("/health")).send().await.unwrap();
         assert_eq!(r.status(), 200);
-        slowest = slowest.max(asked.elapsed());
-        probes += 1;
+        if !jobs.iter().any(|j| j.is_finished()) {
+            answered_during += 1;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut took = Vec::new();
@@ -253,12 +254,11 @@ async fn long_prompts_never_stall_other_routes() {
             assert_eq!(status, 400);
         }
     }
-    eprintln!("tokenizing took {took:?}; {probes} health probes, slowest {slowest:?}");
+    eprintln!("tokenizing took {took:?}; {answered_during} health answers meanwhile");
     assert!(
-        probes >= 3,
-        "the prompts were tokenized too fast to probe: {took:?}"
+        answered_during >= 3,
+        "/health answered {answered_during} times while the prompts were tokenized ({took:?})"
     );
-    assert!(slowest < Duration::from_secs(2), "/health took {slowest:?}");
 }
 
 #[tokio::test]
