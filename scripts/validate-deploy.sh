@@ -16,7 +16,7 @@
 #                            note; then the cross-object wiring (selectors, ports, probes, drain
 #                            budget, GPU, read-only model claim, HPA metric = adapter rule)
 #   6. config/default.toml   its keys are exactly `internvl serve`'s settings, and the server
-#                            starts with it (when a binary newer than settings.rs is built)
+#                            starts with it (when a binary newer than settings/ is built)
 #
 # Tools, all pinned, installed on first use into $INTERNVL_DEPLOY_TOOLS (default
 # target/deploy-tools) or from Debian:
@@ -218,14 +218,15 @@ def duration(text):
 
 
 # What the server exports and accepts, read from its sources.
-metrics_rs = Path("crates/server/src/metrics.rs").read_text()
+metrics_rs = "".join(f.read_text() for f in sorted(Path("crates/server/src/metrics").glob("*.rs")))
 exported = set(re.findall(r'(?:histogram|int_gauge|counter|counter_vec|opts)\(\s*"([a-z0-9_]+)"',
                           metrics_rs))
-check(len(exported) >= 20, f"found only {len(exported)} metric names in metrics.rs")
-settings_rs = Path("crates/server/src/settings.rs").read_text()
-settings = set(re.findall(r"^\s*([a-z_]+): [^,;]+, env = \"INTERNVL_[A-Z_]+\";", settings_rs, re.M))
+exported |= set(re.findall(r'format!\("\{PREFIX\}([a-z0-9_]+)"\)', metrics_rs))
+check(len(exported) >= 20, f"found only {len(exported)} metric names in metrics/")
+settings_rs = "".join(f.read_text() for f in sorted(Path("crates/server/src/settings").glob("*.rs")))
+settings = set(re.findall(r"^\s*([a-z_]+): [^,;]+, env = \"INTERNVL_[A-Z_]+\"[,;]", settings_rs, re.M))
 settings |= set(re.findall(r"pub (api_key): Vec<String>", settings_rs))
-check(len(settings) >= 20, f"found only {len(settings)} settings in settings.rs")
+check(len(settings) >= 20, f"found only {len(settings)} settings in settings/")
 
 
 def metric_names(expr):
@@ -499,7 +500,7 @@ fi
 # config/default.toml through the server itself, when a current binary exists.
 bin=""
 for b in target/debug/internvl target/release/internvl; do
-    if [ -x "$b" ] && [ "$b" -nt crates/server/src/settings.rs ]; then bin="$b"; break; fi
+    if [ -x "$b" ] && [ "$b" -nt "$(ls -t crates/server/src/settings/*.rs | head -1)" ]; then bin="$b"; break; fi
 done
 if [ -n "$bin" ]; then
     "$bin" serve --config config/default.toml --port 0 >"$work/serve.log" 2>&1 &
@@ -517,7 +518,7 @@ if [ -n "$bin" ]; then
     fi
     echo "  $bin serve --config config/default.toml: model ready"
 else
-    echo "  (no internvl binary newer than settings.rs: server start with config/default.toml skipped)"
+    echo "  (no internvl binary newer than settings/: server start with config/default.toml skipped)"
 fi
 
 log "deployment files valid"
