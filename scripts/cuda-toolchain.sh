@@ -56,7 +56,13 @@ cuda_toolchain() { # cap
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "downloading: ${missing[*]}"
-        python3 -m pip download --disable-pip-version-check --no-deps --only-binary=:all: \
+        # A python3 without pip (Debian's, without python3-pip) downloads through a venv's.
+        local pip=(python3 -m pip)
+        if ! python3 -m pip --version >/dev/null 2>&1; then
+            python3 -m venv "$wheels/.pip-venv"
+            pip=("$wheels/.pip-venv/bin/python" -m pip)
+        fi
+        "${pip[@]}" download --disable-pip-version-check --no-deps --only-binary=:all: \
             --dest "$wheels" "${missing[@]}"
     else
         echo "all ${#pins[@]} wheels already downloaded"

@@ -32,6 +32,14 @@ if [ ${#packages[@]} -gt 0 ]; then
     fi
     rc=0
     timeout 600 $sudo "${apt[@]}" update -qq || rc=$?
+    # Another Debian release has another prometheus: take its own rather than fail.
+    for i in "${!packages[@]}"; do
+        if [ "${packages[i]}" = "$PROMETHEUS_DEB" ] && [ "$rc" -eq 0 ] \
+            && ! apt-cache madison prometheus 2>/dev/null | grep -q ' 2\.42\.0+ds-5'; then
+            echo "note: no prometheus 2.42.0+ds-5 in this release's archive: installing its own"
+            packages[i]=prometheus
+        fi
+    done
     if [ "$rc" -eq 0 ]; then
         timeout 900 $sudo env DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq \
             --no-install-recommends "${packages[@]}" >/dev/null || rc=$?

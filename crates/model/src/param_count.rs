@@ -1,6 +1,6 @@
 //! How many parameters the model a config describes has, by part, computed from its
-//! dimensions: what `--random-weights` reports and what sizes a deployment, known without
-//! building (or allocating) the model.
+//! dimensions: what sizes a deployment (the published 19 B model's count is checked against
+//! it), known without building or allocating the model.
 
 use crate::config::{InternVlConfig, VisionNorm};
 use std::fmt;

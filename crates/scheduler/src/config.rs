@@ -27,6 +27,11 @@ pub struct EngineConfig {
 /// Room for about 16 completions × 1000 tokens with text and no logprobs, far more than a
 /// reader that keeps up ever has waiting.
 pub const DEFAULT_MAX_BUFFERED_OUTPUT_BYTES: usize = 4 << 20;
+/// vLLM's defaults for the step's sequences and tokens; the server's settings take these.
+pub const DEFAULT_MAX_NUM_SEQS: usize = 256;
+pub const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 2048;
+pub const DEFAULT_MAX_IMAGES_PER_STEP: usize = 8;
+pub const DEFAULT_ENABLE_PREFIX_CACHING: bool = true;
 
 impl EngineConfig {
     /// Defaults as vLLM's, for a cache of `num_blocks` blocks of `block_size` tokens.
@@ -34,12 +39,12 @@ impl EngineConfig {
         Self {
             num_blocks,
             block_size,
-            max_num_seqs: 256,
-            max_num_batched_tokens: 2048,
+            max_num_seqs: DEFAULT_MAX_NUM_SEQS,
+            max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
             max_model_len,
-            max_images_per_step: 8,
+            max_images_per_step: DEFAULT_MAX_IMAGES_PER_STEP,
             encoder_cache_bytes: 256 << 20,
-            enable_prefix_caching: true,
+            enable_prefix_caching: DEFAULT_ENABLE_PREFIX_CACHING,
             max_buffered_output_bytes: DEFAULT_MAX_BUFFERED_OUTPUT_BYTES,
         }
     }

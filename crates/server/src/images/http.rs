@@ -185,7 +185,7 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     // ---- http:// against loopback test servers ------------------------------------------------
 
@@ -479,14 +479,13 @@ mod tests {
             timeout,
             ..private_ok()
         });
+        // The timeout's own message: the fetch ended by the deadline, not by the peer.
         for path in ["/silent", "/half-body"] {
-            let start = Instant::now();
             let err = f
                 .fetch(&format!("http://127.0.0.1:{}{path}", addr.port()))
                 .await
                 .unwrap_err();
             assert_eq!(err.to_string(), "fetching the image timed out after 300 ms");
-            assert!(start.elapsed() < Duration::from_secs(3), "{path}");
         }
     }
 
@@ -509,11 +508,10 @@ mod tests {
         let url = |path: &str| format!("http://127.0.0.1:{}{path}", addr.port());
         assert_eq!(f.fetch(&url("/exact")).await.unwrap(), [7; 100]);
         assert_eq!(f.fetch(&url("/exact-until-close")).await.unwrap(), [7; 100]);
+        // The cap's message, not the 4 s timeout's: the fetch stopped as the cap was passed.
         for path in ["/declared", "/streamed"] {
-            let start = Instant::now();
             let err = f.fetch(&url(path)).await.unwrap_err();
             assert_eq!(err.to_string(), "image exceeds 100 bytes", "{path}");
-            assert!(start.elapsed() < Duration::from_secs(2), "{path}");
         }
     }
 }

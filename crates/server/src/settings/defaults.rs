@@ -3,7 +3,10 @@
 //! `config/default.toml` to it. (Defaults worked out at startup, from the checkpoint, the
 //! device or the CPUs, are described in the setting's help and computed where it resolves.)
 
-use internvl_scheduler::config::DEFAULT_MAX_BUFFERED_OUTPUT_BYTES;
+use internvl_scheduler::config::{
+    DEFAULT_ENABLE_PREFIX_CACHING, DEFAULT_MAX_BUFFERED_OUTPUT_BYTES, DEFAULT_MAX_IMAGES_PER_STEP,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
+};
 use std::fmt;
 
 /// A size in bytes, shown in help in the largest binary unit that divides it.
@@ -42,8 +45,9 @@ pub const PORT: u16 = 8000;
 pub const DEVICE: &str = "cpu";
 pub const DTYPE: &str = "auto";
 pub const ATTENTION: &str = "auto";
-pub const MAX_NUM_SEQS: usize = 256;
-pub const MAX_NUM_BATCHED_TOKENS: usize = 2048;
+// These four are the engine's own defaults (internvl_scheduler::config), declared there.
+pub const MAX_NUM_SEQS: usize = DEFAULT_MAX_NUM_SEQS;
+pub const MAX_NUM_BATCHED_TOKENS: usize = DEFAULT_MAX_NUM_BATCHED_TOKENS;
 pub const KV_CACHE_MEMORY: PerDevice = PerDevice {
     cpu: Bytes(1 << 30),
     cuda: Bytes(30 << 30),
@@ -51,8 +55,8 @@ pub const KV_CACHE_MEMORY: PerDevice = PerDevice {
 pub const BLOCK_SIZE: usize = 16;
 pub const MAX_QUEUED_REQUESTS: usize = 256;
 pub const MAX_IMAGES_PER_REQUEST: usize = 8;
-pub const MAX_IMAGES_PER_STEP: usize = 8;
-pub const ENABLE_PREFIX_CACHING: bool = true;
+pub const MAX_IMAGES_PER_STEP: usize = DEFAULT_MAX_IMAGES_PER_STEP;
+pub const ENABLE_PREFIX_CACHING: bool = DEFAULT_ENABLE_PREFIX_CACHING;
 /// The engine's own: a bound no reader that keeps up comes near.
 pub const MAX_BUFFERED_OUTPUT_BYTES: Bytes = Bytes(DEFAULT_MAX_BUFFERED_OUTPUT_BYTES);
 pub const MAX_BODY_BYTES: Bytes = Bytes(64 << 20);
