@@ -57,9 +57,12 @@ RUN apt-get update \
         --shell /usr/sbin/nologin internvl
 COPY --from=cpu-builder /out/internvl /usr/local/bin/internvl
 COPY models/demo-internvl /opt/internvl/models/demo-internvl
+# Two malloc arenas: with glibc's default (8 per core) the short-lived blocking-pool threads
+# leave RSS creeping upward; with two it stays flat (docs/reliability.md, the soak).
 ENV INTERNVL_HOST=0.0.0.0 \
     INTERNVL_PORT=8000 \
-    INTERNVL_DEMO_MODEL=/opt/internvl/models/demo-internvl
+    INTERNVL_DEMO_MODEL=/opt/internvl/models/demo-internvl \
+    MALLOC_ARENA_MAX=2
 # Mount a real checkpoint here and pass --model /models/NAME (or INTERNVL_MODEL).
 VOLUME ["/models"]
 USER 10001:10001
@@ -135,10 +138,12 @@ RUN echo /usr/local/lib/internvl > /etc/ld.so.conf.d/internvl.conf \
  && ldconfig \
  && missing="$(ldd /usr/local/bin/internvl | awk '/not found/ && $1 != "libcuda.so.1" { print $1 }')" \
  && if [ -n "${missing}" ]; then echo "unresolved libraries: ${missing}" >&2; exit 1; fi
+# Two malloc arenas, as in the CPU image.
 ENV INTERNVL_HOST=0.0.0.0 \
     INTERNVL_PORT=8000 \
     INTERNVL_DEVICE=cuda \
-    INTERNVL_MODEL=/models/InternVL-Chat-Chinese-V1-1
+    INTERNVL_MODEL=/models/InternVL-Chat-Chinese-V1-1 \
+    MALLOC_ARENA_MAX=2
 # The checkpoint, as published (38 GB in bf16), mounted read-only.
 VOLUME ["/models"]
 USER 10001:10001
