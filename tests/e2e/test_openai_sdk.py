@@ -462,6 +462,25 @@ def test_models_list(client: openai.OpenAI) -> None:
     assert model.owned_by
 
 
+def test_models_retrieve(client: openai.OpenAI) -> None:
+    model = client.models.retrieve(MODEL)
+    assert isinstance(model, Model) and model.id == MODEL
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.status_code == 404
+    assert "no-such-model" in info.value.message
+
+
+def test_null_stream_is_a_plain_completion(client: openai.OpenAI) -> None:
+    # The SDK leaves unset options out; raw clients and some wrappers send them as null.
+    reply = client.post(
+        "/chat/completions",
+        body={"model": MODEL, "messages": TEXT_MESSAGES, "max_tokens": 4, "stream": None},
+        cast_to=ChatCompletion,
+    )
+    assert reply.object == "chat.completion" and reply.usage.completion_tokens >= 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors: each status maps to the SDK's exception type, with OpenAI's error body
 # ---------------------------------------------------------------------------------------------

@@ -114,6 +114,35 @@ fn chat(extra: Value) -> Value {
     body
 }
 
+/// The SDKs send unset options as `null`: read as their defaults (no stream, no usage chunk,
+/// EOS honoured), as OpenAI does.
+#[tokio::test]
+async fn null_options_mean_their_defaults() {
+    let s = Server::start(|_| {}).await;
+    let (status, plain) = s.post("/v1/chat/completions", chat(json!({}))).await;
+    assert_eq!(status, 200, "{plain}");
+    let (status, nulls) = s
+        .post(
+            "/v1/chat/completions",
+            chat(json!({"stream": null, "ignore_eos": null})),
+        )
+        .await;
+    assert_eq!(status, 200, "{nulls}");
+    assert_eq!(nulls["object"], "chat.completion", "not a stream");
+    assert_eq!(nulls["choices"], plain["choices"]);
+    for count in ["prompt_tokens", "completion_tokens"] {
+        assert_eq!(nulls["usage"][count], plain["usage"][count], "{count}");
+    }
+    let streamed = s.stream(chat(json!({"stream": true}))).await;
+    let null_usage = s
+        .stream(chat(
+            json!({"stream": true, "stream_options": {"include_usage": null}}),
+        ))
+        .await;
+    assert_eq!(null_usage.len(), streamed.len(), "no usage chunk");
+    assert!(!null_usage.iter().any(|c| c.contains("\"prompt_tokens\"")));
+}
+
 #[tokio::test]
 async fn non_streamed_answer_has_every_field() {
     let s = Server::start(|_| {}).await;
@@ -301,6 +330,18 @@ async fn models_tokenize_health_and_request_ids() {
     assert_eq!(status, 200);
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], MODEL);
+    let (status, card) = s.get(&format!("/v1/models/{MODEL}")).await;
+    assert_eq!(status, 200, "{card}");
+    assert_eq!(card, models["data"][0], "one card, both routes");
+    let (status, error) = s.get("/v1/models/gpt-4o").await;
+    assert_eq!(status, 404, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`gpt-4o` does not exist"),
+        "{error}"
+    );
     let (status, t) = s
         .post(
             "/tokenize",

@@ -7,6 +7,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
 
+/// A field the SDKs may send as `null`, which OpenAI reads as the field's default.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
 /// `POST /v1/chat/completions` body.
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
@@ -27,12 +36,12 @@ pub struct ChatCompletionRequest {
     pub logit_bias: Option<HashMap<String, f32>>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub user: Option<String>,
     pub min_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub ignore_eos: bool,
     pub response_format: Option<Value>,
     /// Fields of the API this server does not implement; any present is refused by name.
@@ -62,7 +71,7 @@ pub enum Stop {
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub include_usage: bool,
 }
 

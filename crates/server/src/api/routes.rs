@@ -9,7 +9,7 @@ use super::openai::{ModelCard, ModelList, TokenizeRequest, TokenizeResponse};
 use super::request_id::request_id;
 use super::validate::check_model;
 use crate::state::AppState;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,6 +23,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/tokenize", post(tokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let routes = Router::new()
@@ -75,19 +76,34 @@ async fn health(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiE
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList>, ApiError> {
-    let ready = state.ready()?;
     Ok(Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: state.model_name.clone(),
-            object: "model",
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            owned_by: "internvl",
-            max_model_len: ready.max_model_len,
-        }],
+        data: vec![model_card(&state)?],
     }))
+}
+
+/// `GET /v1/models/{id}` (the SDKs' `models.retrieve`): our card, or the 404 a chat naming
+/// another model gets.
+async fn model(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
+    check_model(&id, &state.model_name)?;
+    Ok(Json(model_card(&state)?))
+}
+
+/// The one model this server serves, once it is loaded.
+fn model_card(state: &AppState) -> Result<ModelCard, ApiError> {
+    let ready = state.ready()?;
+    Ok(ModelCard {
+        id: state.model_name.clone(),
+        object: "model",
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        owned_by: "internvl",
+        max_model_len: ready.max_model_len,
+    })
 }
 
 /// vLLM's `/tokenize`: the prompt ids of a chat (images as their placeholders) or of a text,
