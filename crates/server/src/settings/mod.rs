@@ -27,7 +27,13 @@ macro_rules! settings {
             pub config: Option<PathBuf>,
             $(
                 $(#[doc = $doc])*
-                #[arg(long, env = $env, help = help_text(&[$($doc),*], &$default))]
+                #[arg(
+                    long,
+                    env = $env,
+                    help = help_text(&[$($doc),*], &$default),
+                    num_args = value_count::<$ty>(),
+                    default_missing_value = bare_value::<$ty>(),
+                )]
                 pub $name: Option<$ty>,
             )*
             /// Accepted API key (repeatable; also comma-separated in INTERNVL_API_KEY).
@@ -47,6 +53,24 @@ macro_rules! settings {
             }
         }
     };
+}
+
+/// A yes/no setting works as a bare flag (`--allow-private-image-urls` means true) as well as
+/// with a value (`--enable-prefix-caching false`); every other setting takes exactly one value.
+fn is_switch<T: 'static>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<bool>()
+}
+
+fn value_count<T: 'static>() -> clap::builder::ValueRange {
+    if is_switch::<T>() {
+        (0..=1).into()
+    } else {
+        1.into()
+    }
+}
+
+fn bare_value<T: 'static>() -> Option<&'static str> {
+    is_switch::<T>().then_some("true")
 }
 
 /// A setting's help: its doc comment's lines joined, without the closing period, then its
@@ -418,6 +442,22 @@ mod tests {
             Settings::resolve(cli.args, PathBuf::new()).unwrap_err()
         );
         assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn yes_no_settings_work_bare_or_with_a_value() {
+        let parse = |argv: &[&str]| Cli::try_parse_from(argv).map(|cli| cli.args);
+        let bare = parse(&["x", "--allow-private-image-urls", "--port", "9"]).unwrap();
+        assert_eq!(bare.allow_private_image_urls, Some(true));
+        assert_eq!(bare.port, Some(9));
+        let off = parse(&["x", "--enable-prefix-caching", "false"]).unwrap();
+        assert_eq!(off.enable_prefix_caching, Some(false));
+        let on = parse(&["x", "--enable-prefix-caching=true"]).unwrap();
+        assert_eq!(on.enable_prefix_caching, Some(true));
+        assert!(parse(&["x", "--allow-private-image-urls", "maybe"]).is_err());
+        // Every other setting still needs its value.
+        assert!(parse(&["x", "--port"]).is_err());
+        assert!(parse(&["x", "--max-num-seqs", "--port", "9"]).is_err());
     }
 
     #[test]
