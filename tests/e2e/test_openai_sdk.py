@@ -513,6 +513,7 @@ def test_not_found_unknown_model(client: openai.OpenAI) -> None:
             model="no-such-model", messages=TEXT_MESSAGES, max_tokens=4
         )
     assert info.value.status_code == 404
+    assert info.value.code == "model_not_found"
     assert "no-such-model" in info.value.message
 
 
@@ -526,6 +527,7 @@ def test_wrong_api_key(call: str) -> None:
             bad.models.list()
     assert info.value.status_code == 401
     assert info.value.type == "authentication_error"
+    assert info.value.code == "invalid_api_key"
 
 
 def test_wrong_api_key_streamed() -> None:

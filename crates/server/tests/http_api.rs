@@ -260,6 +260,11 @@ async fn errors_have_openai_shape_and_status() {
         .post("/v1/chat/completions", chat(json!({"temperature": 5})))
         .await;
     check(st, &b, 400, Some("temperature"));
+    assert_eq!(
+        b["error"]["code"],
+        Value::Null,
+        "OpenAI has no code for a bad value"
+    );
     let (st, b) = s
         .post("/v1/chat/completions", chat(json!({"tools": []})))
         .await;
@@ -289,8 +294,10 @@ async fn errors_have_openai_shape_and_status() {
         .post("/v1/chat/completions", chat(json!({"model": "gpt-4o"})))
         .await;
     check(st, &b, 404, None);
+    assert_eq!(b["error"]["code"], "model_not_found");
     let (st, b) = s.get("/v1/nothing").await;
     check(st, &b, 404, None);
+    assert_eq!(b["error"]["code"], Value::Null);
     let (st, b) = s.get("/v1/chat/completions").await;
     check(st, &b, 405, None);
     let big = vec![b' '; 3 << 20];
@@ -313,6 +320,7 @@ async fn api_keys_are_required_when_configured() {
         assert_eq!(r.status(), 401);
         let b: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
         assert_eq!(b["error"]["type"], "authentication_error");
+        assert_eq!(b["error"]["code"], "invalid_api_key");
     }
     assert_eq!(
         s.post_raw("/v1/chat/completions", body, Some("k2"))
@@ -433,6 +441,8 @@ async fn a_full_queue_answers_429_at_once() {
         .await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
+    let b: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(b["error"]["code"], "rate_limit_exceeded");
     drop(busy);
 }
 

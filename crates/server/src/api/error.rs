@@ -15,6 +15,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub param: Option<String>,
+    /// OpenAI's machine-readable `code` where it has one for this error (`model_not_found`,
+    /// `invalid_api_key`, `rate_limit_exceeded`), else null; the status says the rest.
+    pub code: Option<&'static str>,
     /// Seconds a client should wait before retrying (429, 503).
     pub retry_after: Option<u64>,
 }
@@ -25,6 +28,7 @@ impl ApiError {
             status,
             message: message.into(),
             param: None,
+            code: None,
             retry_after: None,
         }
     }
@@ -42,14 +46,25 @@ impl ApiError {
     }
 
     pub fn unauthorized() -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "Invalid or missing API key: pass it as `Authorization: Bearer <key>`",
-        )
+        ApiError {
+            code: Some("invalid_api_key"),
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "Invalid or missing API key: pass it as `Authorization: Bearer <key>`",
+            )
+        }
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// 404 for a model this server does not serve.
+    pub fn model_not_found(message: impl Into<String>) -> Self {
+        ApiError {
+            code: Some("model_not_found"),
+            ..Self::not_found(message)
+        }
     }
 
     pub fn too_large(limit: usize) -> Self {
@@ -62,6 +77,7 @@ impl ApiError {
     pub fn queue_full() -> Self {
         ApiError {
             retry_after: Some(1),
+            code: Some("rate_limit_exceeded"),
             ..Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "The server is at capacity: too many requests are queued; retry shortly",
@@ -124,7 +140,7 @@ impl ApiError {
             "message": self.message,
             "type": self.kind(),
             "param": self.param,
-            "code": self.status.as_u16(),
+            "code": self.code,
         }})
     }
 }
@@ -141,6 +157,7 @@ impl From<Refusal> for ApiError {
             Refusal::ImageMemoryFull => ApiError {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 retry_after: Some(1),
+                code: Some("rate_limit_exceeded"),
                 ..ApiError::bad_request(
                     "The server is at capacity: images of other requests take all the memory \
                      set aside for images; retry shortly",

@@ -69,7 +69,7 @@ pub fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
     if shown.len() < requested.len() {
         shown.push('…');
     }
-    Err(ApiError::not_found(format!(
+    Err(ApiError::model_not_found(format!(
         "The model `{shown}` does not exist; this server serves `{served}`"
     )))
 }
