@@ -286,6 +286,22 @@ async fn errors_have_openai_shape_and_status() {
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]});
     let (st, b) = s.post("/v1/chat/completions", chat(junk)).await;
     check(st, &b, 400, Some("messages"));
+    // A bare-string image_url (the URL without its object): plain words, where, and `param`.
+    let bare = json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": image_url("model-a.png")}]}]});
+    let (st, b) = s.post("/v1/chat/completions", chat(bare)).await;
+    check(st, &b, 400, Some("messages"));
+    let message = b["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`messages[0].content`")
+            && message.contains("{\"url\": \"...\"}")
+            && !message.contains("untagged"),
+        "{message}"
+    );
+    let (st, b) = s
+        .post("/v1/chat/completions", chat(json!({"max_tokens": "many"})))
+        .await;
+    check(st, &b, 400, Some("max_tokens"));
     let ssrf = json!({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}}]}]});
     let (st, b) = s.post("/v1/chat/completions", chat(ssrf)).await;

@@ -43,9 +43,22 @@ impl<T: DeserializeOwned + Send + 'static, S: Send + Sync> FromRequest<S> for Ap
     }
 }
 
+/// Parses the body; a body that is JSON but not of the request's shape is refused naming where
+/// (`messages[0].content: ...`), with the top-level field as `param`.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))
+    let syntax = |e: serde_json::Error| ApiError::bad_request(format!("Invalid JSON body: {e}"));
+    let mut json = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut json).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        if inner.is_syntax() || inner.is_eof() || path == "." {
+            return syntax(inner);
+        }
+        let field = path.split(['.', '[']).next().unwrap_or_default();
+        ApiError::invalid(field, format!("Invalid request body at `{path}`: {inner}"))
+    })?;
+    json.end().map_err(syntax)?;
+    Ok(value)
 }
 
 /// `application/json` or any `application/*+json`, parameters (charset) allowed, as axum's

@@ -83,7 +83,11 @@ pub struct RequestMessage {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, or an array of parts: {\"type\": \"text\", \"text\": \"...\"} or \
+                 {\"type\": \"image_url\", \"image_url\": {\"url\": \"...\"}}"
+)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
