@@ -150,6 +150,8 @@ def test_chat_with_data_url_image(client: openai.OpenAI) -> None:
     assert usage.prompt_tokens_details is not None
     assert isinstance(usage.prompt_tokens_details.cached_tokens, int)
     assert 0 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+    assert usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens == 0
 
 
 def test_prefix_cache_reports_cached_tokens(client: openai.OpenAI) -> None:

@@ -178,6 +178,7 @@ async fn non_streamed_answer_has_every_field() {
         usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
     );
     assert!(usage["prompt_tokens_details"]["cached_tokens"].is_u64());
+    assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 0);
 }
 
 #[tokio::test]

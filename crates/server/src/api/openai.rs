@@ -161,11 +161,22 @@ pub struct Usage {
     pub completion_tokens: usize,
     pub total_tokens: usize,
     pub prompt_tokens_details: PromptTokensDetails,
+    pub completion_tokens_details: CompletionTokensDetails,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct PromptTokensDetails {
     pub cached_tokens: usize,
+}
+
+/// OpenAI's breakdown of the completion tokens, sent because clients read it. This model has
+/// no reasoning, audio or predicted outputs, so every count is zero.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CompletionTokensDetails {
+    pub reasoning_tokens: usize,
+    pub audio_tokens: usize,
+    pub accepted_prediction_tokens: usize,
+    pub rejected_prediction_tokens: usize,
 }
 
 /// One server-sent event of a streamed answer.
