@@ -34,6 +34,7 @@ pub fn app_state(settings: &Settings) -> anyhow::Result<Arc<AppState>> {
         max_request_image_bytes: settings.max_request_image_bytes,
         max_image_memory: settings.max_image_memory,
         api_keys: settings.api_keys.clone(),
+        allowed_origins: settings.allowed_origins.clone(),
     };
     Ok(Arc::new(AppState::new(
         settings.served_model_name.clone(),

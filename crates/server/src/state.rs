@@ -4,6 +4,7 @@
 use crate::images::ImageFetcher;
 use crate::metrics::Metrics;
 use crate::service::Service;
+use crate::settings::AllowedOrigins;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -38,6 +39,8 @@ pub struct Limits {
     /// Image memory of all requests together: see [`AppState::reserve_image_memory`].
     pub max_image_memory: usize,
     pub api_keys: Vec<String>,
+    /// Web origins whose pages may call the API (CORS).
+    pub allowed_origins: AllowedOrigins,
 }
 
 pub struct AppState {
@@ -216,6 +219,7 @@ mod tests {
             max_request_image_bytes: 1 << 20,
             max_image_memory,
             api_keys: Vec::new(),
+            allowed_origins: AllowedOrigins::None,
         };
         let fetcher = ImageFetcher::new(ImageFetchConfig::default()).unwrap();
         AppState::new("m".into(), limits, fetcher, 1)

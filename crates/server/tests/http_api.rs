@@ -348,6 +348,66 @@ async fn api_keys_are_required_when_configured() {
     assert_eq!(s.get("/health").await.0, 200, "health needs no key");
 }
 
+/// Browsers: with origins allowed, a preflight is answered without the API key and answers
+/// carry the allowed origin; other origins, or no setting, get no CORS headers at all.
+#[tokio::test]
+async fn cors_answers_allowed_origins_only() {
+    let preflight = |s: &Server, origin: &'static str| {
+        s.client
+            .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let allow = |r: &reqwest::Response| {
+        r.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let s = Server::start(|a| {
+        a.allowed_origins = Some("https://app.example,http://localhost:3000".into());
+        a.api_key = vec!["k".into()];
+    })
+    .await;
+    let r = preflight(&s, "https://app.example").await.unwrap();
+    assert_eq!(r.status(), 200, "no key needed for a preflight");
+    assert_eq!(allow(&r).as_deref(), Some("https://app.example"));
+    let methods = r.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap();
+    assert!(
+        methods.contains('*') || methods.contains("POST"),
+        "{methods}"
+    );
+    let r = preflight(&s, "https://evil.example").await.unwrap();
+    assert_eq!(allow(&r), None);
+    let r = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("origin", "http://localhost:3000")
+        .bearer_auth("k")
+        .header("content-type", "application/json")
+        .body(chat(json!({})).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(allow(&r).as_deref(), Some("http://localhost:3000"));
+    let exposed = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+
+    let closed = Server::start(|_| {}).await;
+    let r = preflight(&closed, "https://app.example").await.unwrap();
+    assert_eq!(allow(&r), None, "no origins allowed by default");
+    assert_eq!(r.status(), 405);
+}
+
 #[tokio::test]
 async fn models_tokenize_health_and_request_ids() {
     let s = Server::start(|_| {}).await;

@@ -8,16 +8,19 @@ use super::middleware::{authenticate, body_limits, count_http};
 use super::openai::{ModelCard, ModelList, TokenizeRequest, TokenizeResponse};
 use super::request_id::request_id;
 use super::validate::check_model;
+use crate::settings::AllowedOrigins;
 use crate::state::AppState;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::header;
+use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use std::any::Any;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use tower::util::option_layer;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{self, AllowOrigin, CorsLayer};
 
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
@@ -37,16 +40,38 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// The middleware every route gets, innermost first: the body limit; a handler panic as a
 /// plain 500; 413 for a body declared too large, 408 for one past its deadline; the HTTP
-/// counter; the request id, span and log line (outermost, so that it logs the status
-/// actually sent).
+/// counter; CORS where origins are allowed (outside the API key check, since browsers send
+/// no credentials with a preflight); the request id, span and log line (outermost, so that it
+/// logs the status actually sent).
 pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
     routes
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(state.clone(), body_limits))
         .layer(middleware::from_fn_with_state(state.clone(), count_http))
+        .layer(option_layer(cors(&state.limits.allowed_origins)))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// The CORS answer for `origins`: any method and request header (the SDKs send their own),
+/// no credentials (keys travel as bearer tokens), and the request id readable by the page.
+fn cors(origins: &AllowedOrigins) -> Option<CorsLayer> {
+    let allow = match origins {
+        AllowedOrigins::None => return None,
+        AllowedOrigins::Any => AllowOrigin::any(),
+        AllowedOrigins::List(list) => AllowOrigin::list(
+            list.iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        ),
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(cors::Any)
+            .allow_headers(cors::Any)
+            .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER]),
+    )
 }
 
 /// A handler's panic: its message goes to the log, the client gets a plain 500.

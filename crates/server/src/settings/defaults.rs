@@ -68,6 +68,7 @@ pub const MAX_IMAGE_PIXELS: u64 = 50_000_000;
 /// Seconds.
 pub const IMAGE_FETCH_TIMEOUT: u64 = 10;
 pub const ALLOW_PRIVATE_IMAGE_URLS: bool = false;
+pub const ALLOWED_ORIGINS: &str = "none";
 /// Seconds.
 pub const SHUTDOWN_TIMEOUT: u64 = 30;
 /// Seconds.

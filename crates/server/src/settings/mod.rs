@@ -5,8 +5,10 @@
 //! default from [`defaults`]) and the merge.
 
 pub mod defaults;
+mod origins;
 mod sizes;
 
+pub use origins::AllowedOrigins;
 pub use sizes::KvCacheMemory;
 
 use anyhow::{bail, Context};
@@ -159,6 +161,10 @@ settings! {
     /// Directory `file://` image URLs may read from.
     local_image_dir: PathBuf, env = "INTERNVL_LOCAL_IMAGE_DIR",
         default = "none, file URLs refused";
+    /// Web origins whose pages may call the API (CORS): none, `*`, or a comma-separated list
+    /// such as https://app.example.
+    allowed_origins: String, env = "INTERNVL_ALLOWED_ORIGINS",
+        default = defaults::ALLOWED_ORIGINS;
     /// Images preprocessed at once.
     preprocess_workers: usize, env = "INTERNVL_PREPROCESS_WORKERS",
         default = "the number of CPUs";
@@ -216,6 +222,7 @@ pub struct Settings {
     pub image_fetch_timeout: u64,
     pub allow_private_image_urls: bool,
     pub local_image_dir: Option<PathBuf>,
+    pub allowed_origins: AllowedOrigins,
     pub preprocess_workers: usize,
     pub shutdown_timeout: u64,
     pub header_read_timeout: Duration,
@@ -337,6 +344,11 @@ impl Settings {
                 .allow_private_image_urls
                 .unwrap_or(defaults::ALLOW_PRIVATE_IMAGE_URLS),
             local_image_dir: a.local_image_dir,
+            allowed_origins: AllowedOrigins::parse(
+                a.allowed_origins
+                    .as_deref()
+                    .unwrap_or(defaults::ALLOWED_ORIGINS),
+            )?,
             preprocess_workers: a
                 .preprocess_workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
