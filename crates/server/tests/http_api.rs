@@ -303,6 +303,18 @@ async fn errors_have_openai_shape_and_status() {
         .post("/v1/chat/completions", chat(json!({"max_tokens": "many"})))
         .await;
     check(st, &b, 400, Some("max_tokens"));
+    // serde quotes what it refused: a megabyte value, or a megabyte key on the path, comes
+    // back as a line, not a megabyte.
+    let huge = "x".repeat(1 << 20);
+    for body in [
+        chat(json!({ "max_tokens": huge })),
+        chat(json!({ "logit_bias": { huge.clone(): "high" } })),
+    ] {
+        let (st, b) = s.post("/v1/chat/completions", body).await;
+        assert_eq!(st, 400, "{b}");
+        let message = b["error"]["message"].as_str().unwrap();
+        assert!(message.len() < 1000 && message.contains('…'), "{message}");
+    }
     let ssrf = json!({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}}]}]});
     let (st, b) = s.post("/v1/chat/completions", chat(ssrf)).await;

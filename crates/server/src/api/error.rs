@@ -145,6 +145,16 @@ impl ApiError {
     }
 }
 
+/// Client text as an error echoes it: at most `max` characters, cut with `…`. A field is
+/// bounded only by the body limit; an error answer (and its log line) must not be.
+pub fn echoed(text: &str, max: usize) -> String {
+    let mut shown: String = text.chars().take(max).collect();
+    if shown.len() < text.len() {
+        shown.push('…');
+    }
+    shown
+}
+
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
         match refusal {

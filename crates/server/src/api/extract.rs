@@ -4,7 +4,7 @@
 //! when small, on the blocking pool when large, since parsing tens of megabytes of JSON (base64
 //! images) takes the better part of a second that the async workers owe to every other route.
 
-use super::error::ApiError;
+use super::error::{echoed, ApiError};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -12,6 +12,9 @@ use serde::de::DeserializeOwned;
 
 /// Bodies up to this size are parsed on the async worker: a millisecond or so.
 const INLINE_PARSE_BYTES: usize = 1 << 20;
+
+/// Most characters of a path or of serde's message an error echoes.
+const ECHOED_CHARS: usize = 200;
 
 pub struct ApiJson<T>(pub T);
 
@@ -44,9 +47,15 @@ impl<T: DeserializeOwned + Send + 'static, S: Send + Sync> FromRequest<S> for Ap
 }
 
 /// Parses the body; a body that is JSON but not of the request's shape is refused naming where
-/// (`messages[0].content: ...`), with the top-level field as `param`.
+/// (`messages[0].content: ...`), with the top-level field as `param`. serde quotes the value it
+/// refused (a string of megabytes, a huge map key in the path): both are echoed bounded.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let syntax = |e: serde_json::Error| ApiError::bad_request(format!("Invalid JSON body: {e}"));
+    let syntax = |e: serde_json::Error| {
+        ApiError::bad_request(format!(
+            "Invalid JSON body: {}",
+            echoed(&e.to_string(), ECHOED_CHARS)
+        ))
+    };
     let mut json = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut json).map_err(|error| {
         let path = error.path().to_string();
@@ -55,7 +64,14 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             return syntax(inner);
         }
         let field = path.split(['.', '[']).next().unwrap_or_default();
-        ApiError::invalid(field, format!("Invalid request body at `{path}`: {inner}"))
+        ApiError::invalid(
+            field,
+            format!(
+                "Invalid request body at `{}`: {}",
+                echoed(&path, ECHOED_CHARS),
+                echoed(&inner.to_string(), ECHOED_CHARS)
+            ),
+        )
     })?;
     json.end().map_err(syntax)?;
     Ok(value)

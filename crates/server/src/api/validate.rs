@@ -2,7 +2,7 @@
 //!
 //! Kept apart from the handlers so every rule is testable without HTTP.
 
-use super::error::ApiError;
+use super::error::{echoed, ApiError};
 use super::messages::convert_messages;
 use super::openai::{ChatCompletionRequest, Stop, UNSUPPORTED_FIELDS};
 use internvl_model::prompt::ChatMessage;
@@ -61,14 +61,10 @@ fn count(value: u64) -> usize {
 /// 404 for a model this server does not serve. Only the start of the name is echoed: the
 /// field is unbounded (up to the body limit), the answer must not be.
 pub fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
-    const ECHOED_CHARS: usize = 64;
     if requested == served {
         return Ok(());
     }
-    let mut shown: String = requested.chars().take(ECHOED_CHARS).collect();
-    if shown.len() < requested.len() {
-        shown.push('…');
-    }
+    let shown = echoed(requested, 64);
     Err(ApiError::model_not_found(format!(
         "The model `{shown}` does not exist; this server serves `{served}`"
     )))
