@@ -138,13 +138,13 @@ impl InternVlConfig {
     /// The relations between fields the forward relies on; an error names the field.
     pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
         let v = &self.vision;
-        if v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err((
                 "vision_config.num_attention_heads",
                 format!("does not divide hidden_size {}", v.hidden_size),
             ));
         }
-        if self.image_size % v.patch_size != 0 {
+        if !self.image_size.is_multiple_of(v.patch_size) {
             return Err((
                 "force_image_size",
                 format!(
@@ -165,7 +165,9 @@ impl InternVlConfig {
         }
         let factor = self.shuffle_factor();
         let grid = self.image_size / v.patch_size;
-        if (self.downsample_ratio * factor as f64 - 1.0).abs() > 1e-9 || grid % factor != 0 {
+        if (self.downsample_ratio * factor as f64 - 1.0).abs() > 1e-9
+            || !grid.is_multiple_of(factor)
+        {
             return Err((
                 "downsample_ratio",
                 format!(
@@ -175,13 +177,15 @@ impl InternVlConfig {
             ));
         }
         let l = &self.llm;
-        if l.hidden_size % l.num_attention_heads != 0 {
+        if !l.hidden_size.is_multiple_of(l.num_attention_heads) {
             return Err((
                 "llm_config.num_attention_heads",
                 format!("does not divide hidden_size {}", l.hidden_size),
             ));
         }
-        if l.num_key_value_heads == 0 || l.num_attention_heads % l.num_key_value_heads != 0 {
+        if l.num_key_value_heads == 0
+            || !l.num_attention_heads.is_multiple_of(l.num_key_value_heads)
+        {
             return Err((
                 "llm_config.num_key_value_heads",
                 format!(

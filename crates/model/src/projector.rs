@@ -15,7 +15,7 @@ use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 pub fn pixel_shuffle(xs: &Tensor, factor: usize, version: PixelShuffleVersion) -> Result<Tensor> {
     let (b, n, c) = xs.dims3()?;
     let side = (n as f64).sqrt().round() as usize;
-    if side * side != n || side % factor != 0 {
+    if side * side != n || !side.is_multiple_of(factor) {
         candle_core::bail!(
             "pixel shuffle needs a square grid divisible by {factor}, got {n} tokens"
         );

@@ -57,7 +57,7 @@ impl OutputProcessor<'_> {
             let sampled = match seq.sample(&logits) {
                 Ok(sampled) => sampled,
                 Err(e) => {
-                    seq.output().events.fail(e.to_string());
+                    seq.output().events.fail(e);
                     self.stats.failed += 1;
                     ended.push((id, None));
                     continue;
@@ -134,6 +134,7 @@ impl OutputProcessor<'_> {
                     sampler: Sampler::new(sampling, self.vocab_size).ok()?,
                     stop: StopChecker::new(fork.stop.clone(), self.vocab_size).ok()?,
                     detokenizer: Detokenizer::new(self.decoder.clone(), fork.skip_special_tokens),
+                    grammar: fork.grammar.clone().into(),
                     events: parent.output().events.clone(),
                 };
                 let id = SeqId(*self.next_id);

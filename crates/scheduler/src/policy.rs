@@ -215,7 +215,7 @@ mod tests {
     use crate::detokenizer::{Detokenizer, TokenDecoder};
     use crate::output::channel;
     use crate::sampling::{Sampler, SamplingParams};
-    use crate::sequence::Output;
+    use crate::sequence::{Constraint, Output};
     use crate::stop::{StopChecker, StopParams};
     use std::sync::Arc;
 
@@ -229,6 +229,7 @@ mod tests {
             sampler: Sampler::new(SamplingParams::default(), 8).unwrap(),
             stop: StopChecker::new(stop, 8).unwrap(),
             detokenizer: Detokenizer::new(decoder, true),
+            grammar: Constraint::Free,
             events: channel().0,
         };
         Sequence::new(SeqId(id), vec![5; prompt_len], Vec::new(), None, output)

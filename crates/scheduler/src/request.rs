@@ -1,6 +1,7 @@
 //! What a caller hands the engine, and what it gets back.
 
 use crate::content_hash::ContentHash;
+use crate::grammar::Grammar;
 use crate::sampling::SamplingParams;
 use crate::stop::{FinishReason, StopParams, StopReason};
 use std::sync::Arc;
@@ -39,6 +40,9 @@ pub struct Request<P> {
     pub skip_special_tokens: bool,
     /// Independent completions of the prompt; they share its KV blocks.
     pub n: usize,
+    /// The grammar the output must follow, compiled for this model's vocabulary; each
+    /// completion gets its own copy.
+    pub grammar: Option<Grammar>,
 }
 
 /// Token counts of a finished request.

@@ -10,6 +10,7 @@
 use crate::config::EngineConfig;
 use crate::detokenizer::{Detokenizer, TokenDecoder};
 use crate::encoder_cache::EncoderCache;
+use crate::grammar::Grammar;
 use crate::image_encoding::ImageEncoding;
 use crate::kv_cache_manager::KvCacheManager;
 use crate::output::EventSender;
@@ -69,11 +70,13 @@ impl<R: ModelRunner> Scheduler<R> {
             sampling: request.sampling.clone(),
             stop: request.stop.clone(),
             skip_special_tokens: request.skip_special_tokens,
+            grammar: request.grammar.clone(),
         });
         let output = Output {
             sampler: Sampler::new(request.sampling, vocab)?,
             stop: StopChecker::new(request.stop, vocab)?,
             detokenizer: Detokenizer::new(self.decoder.clone(), request.skip_special_tokens),
+            grammar: request.grammar.into(),
             events,
         };
         let id = SeqId(self.next_id);
@@ -136,9 +139,17 @@ impl<R: ModelRunner> Scheduler<R> {
                     }
                 })
                 .collect();
+            // The grammars' masks for the tokens this step samples do not depend on its
+            // logits: they are computed on other threads while the forward runs.
+            let grammars = self.take_grammars(&plan);
             let started = Instant::now();
-            let (ran, rows) = self.forward_isolating(&plan, &mut failed);
+            let ((ran, rows), masked) = std::thread::scope(|scope| {
+                let masks = (!grammars.is_empty()).then(|| scope.spawn(|| compute_masks(grammars)));
+                let forward = self.forward_isolating(&plan, &mut failed);
+                (forward, masks.map(|m| m.join()))
+            });
             self.stats.forward_time += started.elapsed();
+            self.put_grammars(masked);
             for (id, error) in failed {
                 self.fail(id, &error);
                 ended.push((id, None));
@@ -159,6 +170,37 @@ impl<R: ModelRunner> Scheduler<R> {
             self.stats.tokens_last_step = ran.iter().map(|s| s.span.len()).sum();
         }
         self.update_stats();
+    }
+
+    /// The grammars of the plan's sequences that will sample after this step's forward.
+    fn take_grammars(&mut self, plan: &[Scheduled]) -> Vec<(SeqId, Grammar)> {
+        plan.iter()
+            .filter_map(|scheduled| {
+                let seq = self.queues.running_mut(scheduled.seq);
+                if scheduled.span.end != seq.tokens().len() {
+                    return None;
+                }
+                Some((scheduled.seq, seq.take_grammar()?))
+            })
+            .collect()
+    }
+
+    /// Gives the grammars back to their sequences after [`compute_masks`]. A mask that
+    /// failed is computed again when its sequence samples, which fails it with the reason.
+    /// Were the mask thread to panic (llguidance contains its own panics), the grammars stay
+    /// lent and their sequences fail at sampling, never sample unconstrained.
+    fn put_grammars(&mut self, masked: Option<std::thread::Result<Vec<MaskedGrammar>>>) {
+        let Some(Ok(masked)) = masked else {
+            return;
+        };
+        for (id, grammar, took) in masked {
+            if let Some(took) = took {
+                self.stats.grammar_masks.record(took);
+            }
+            if let Some(seq) = self.queues.running.iter_mut().find(|s| s.id() == id) {
+                seq.put_grammar(grammar);
+            }
+        }
     }
 
     /// Why `scheduled` cannot run, if it cannot: positions past the model's length or the
@@ -289,6 +331,23 @@ impl<R: ModelRunner> Scheduler<R> {
     }
 }
 
+/// A grammar back from [`compute_masks`], with the time its mask took (`None` when it failed).
+type MaskedGrammar = (SeqId, Grammar, Option<std::time::Duration>);
+
+/// Each grammar's next mask, computed in parallel (rayon's pool).
+fn compute_masks(mut grammars: Vec<(SeqId, Grammar)>) -> Vec<MaskedGrammar> {
+    use rayon::prelude::*;
+    let results: Vec<Option<std::time::Duration>> = grammars
+        .par_iter_mut()
+        .map(|(_, grammar)| grammar.compute_mask().ok())
+        .collect();
+    grammars
+        .into_iter()
+        .zip(results)
+        .map(|((id, grammar), result)| (id, grammar, result))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +398,7 @@ mod tests {
             },
             skip_special_tokens: true,
             n: 1,
+            grammar: None,
         };
         s.add(request, tx).unwrap();
         rx

@@ -6,10 +6,11 @@
 //! a sequence without blocks has none computed.
 
 use crate::detokenizer::Detokenizer;
+use crate::grammar::Grammar;
 use crate::kv_cache_manager::{KvCacheManager, SeqBlocks};
 use crate::output::EventSender;
 use crate::request::{Event, ImageInput, RequestTimings, Usage};
-use crate::sampling::{Sampled, Sampler, SamplingError, SamplingParams};
+use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::seq_image::SeqImage;
 use crate::stop::{FinishReason, StopChecker, StopParams, StopReason, StopStep};
 use std::ops::Range;
@@ -26,6 +27,8 @@ pub(crate) struct Fork {
     pub sampling: SamplingParams,
     pub stop: StopParams,
     pub skip_special_tokens: bool,
+    /// Before anything was generated, so each sibling starts from the grammar's start.
+    pub grammar: Option<Grammar>,
 }
 
 /// What turns a sequence's logits into its output: its sampler, stop checker and
@@ -34,8 +37,25 @@ pub(crate) struct Output {
     pub sampler: Sampler,
     pub stop: StopChecker,
     pub detokenizer: Detokenizer,
+    /// The grammar its tokens must follow, if any.
+    pub grammar: Constraint,
     /// Shared by the request's completions.
     pub events: EventSender,
+}
+
+/// Whether a sequence's tokens follow a grammar.
+pub(crate) enum Constraint {
+    Free,
+    Grammar(Grammar),
+    /// Its grammar is away, computing its next mask; a sequence cannot sample until it is
+    /// back (were it lost, the sequence fails rather than sample unconstrained).
+    Lent,
+}
+
+impl From<Option<Grammar>> for Constraint {
+    fn from(grammar: Option<Grammar>) -> Self {
+        grammar.map_or(Self::Free, Self::Grammar)
+    }
 }
 
 pub(crate) struct Sequence<P, E> {
@@ -222,13 +242,47 @@ impl<P, E> Sequence<P, E> {
         }
     }
 
-    /// Chooses its next token from the `logits` of its last position.
-    pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled, SamplingError> {
+    /// Takes its grammar out, to compute its next mask elsewhere (see `scheduler.rs`); put
+    /// it back with [`Sequence::put_grammar`] before sampling.
+    pub fn take_grammar(&mut self) -> Option<Grammar> {
+        match std::mem::replace(&mut self.output.grammar, Constraint::Lent) {
+            Constraint::Grammar(grammar) => Some(grammar),
+            other => {
+                self.output.grammar = other;
+                None
+            }
+        }
+    }
+
+    pub fn put_grammar(&mut self, grammar: Grammar) {
+        self.output.grammar = Constraint::Grammar(grammar);
+    }
+
+    /// Chooses its next token from the `logits` of its last position; under a grammar, one
+    /// that the grammar allows, which the grammar then consumes. The error says what failed.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled, String> {
         let (prompt, generated) = self.tokens.split_at(self.prompt_len);
         let banned = self.output.stop.banned_tokens();
-        self.output
+        let grammar = match &mut self.output.grammar {
+            Constraint::Free => {
+                return self
+                    .output
+                    .sampler
+                    .sample(logits, prompt, generated, banned, None)
+                    .map_err(|e| e.to_string())
+            }
+            Constraint::Lent => return Err("the grammar failed".into()),
+            Constraint::Grammar(grammar) => grammar,
+        };
+        // Computed in parallel before the forward, unless it was not among that step's.
+        grammar.compute_mask()?;
+        let sampled = self
+            .output
             .sampler
-            .sample(logits, prompt, generated, banned)
+            .sample(logits, prompt, generated, banned, grammar.mask())
+            .map_err(|e| e.to_string())?;
+        grammar.consume(sampled.token)?;
+        Ok(sampled)
     }
 
     /// Appends a sampled token: its timing, its text, and whether it ends the sequence.
@@ -245,7 +299,13 @@ impl<P, E> Sequence<P, E> {
         self.tokens.push(token);
         let delta = self.output.detokenizer.push(token);
         // `validate` keeps prompt + max_tokens within max_model_len.
-        self.output.stop.push(token, &delta)
+        let step = self.output.stop.push(token, &delta);
+        match &self.output.grammar {
+            Constraint::Grammar(grammar) if step.finish.is_none() && grammar.is_finished() => {
+                self.output.stop.complete(step)
+            }
+            _ => step,
+        }
     }
 
     /// The last characters of the full decode, even if incomplete (a length finish).

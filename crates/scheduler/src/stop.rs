@@ -267,6 +267,19 @@ impl StopChecker {
         }
     }
 
+    /// Ends the request with `step`'s token, as [`FinishReason::Stop`] with no stop reason:
+    /// its output is complete (a grammar allows nothing more). The text held back because it
+    /// might have begun a stop string is released.
+    pub fn complete(&mut self, step: StopStep) -> StopStep {
+        let mut text = step.text;
+        text.push_str(&std::mem::take(&mut self.held));
+        StopStep {
+            text,
+            finish: Some(FinishReason::Stop),
+            stop_reason: None,
+        }
+    }
+
     fn finish(&mut self, reason: FinishReason, stop_reason: Option<StopReason>) -> StopStep {
         StopStep {
             text: std::mem::take(&mut self.held),

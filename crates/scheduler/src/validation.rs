@@ -29,6 +29,8 @@ pub enum SubmitError {
     Stop(#[from] StopError),
     #[error("n must be between 1 and {MAX_N}, got {0}")]
     BadN(usize),
+    #[error("the grammar was compiled for {grammar} tokens, but the model has {vocab_size}")]
+    GrammarVocab { grammar: usize, vocab_size: usize },
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -56,6 +58,14 @@ pub fn validate<P>(
         return Err(SubmitError::NoTokens);
     }
     request.sampling.validate(vocab_size)?;
+    if let Some(grammar) = &request.grammar {
+        if grammar.vocab_size() != vocab_size {
+            return Err(SubmitError::GrammarVocab {
+                grammar: grammar.vocab_size(),
+                vocab_size,
+            });
+        }
+    }
     request.stop.validate(vocab_size)?;
     // Checked: `max_tokens` comes from the client and may be anything up to usize::MAX.
     let total = prompt

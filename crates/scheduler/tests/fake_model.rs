@@ -88,7 +88,7 @@ impl ModelRunner for FakeRunner {
     ) -> Result<Vec<Vec<f32>>, RunnerError> {
         self.forwards += 1;
         if let Some(every) = self.fail_forward_every {
-            if self.forwards % every == 0 {
+            if self.forwards.is_multiple_of(every) {
                 return Err(RunnerError("injected failure".into()));
             }
         }
@@ -180,6 +180,7 @@ pub fn request(
         },
         skip_special_tokens: true,
         n: 1,
+        grammar: None,
     }
 }
 
@@ -200,6 +201,7 @@ fn clone_request(r: &Request<u64>) -> Request<u64> {
         stop: r.stop.clone(),
         skip_special_tokens: r.skip_special_tokens,
         n: r.n,
+        grammar: r.grammar.clone(),
     }
 }
 

@@ -111,6 +111,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ..StopParams::default()
         },
         n: 1,
+        grammar: None,
     };
     let request = request(&loaded, &prompt, images, generation);
     let service = Service::start(loaded, &shape, |config| {

@@ -106,6 +106,7 @@ fn request(f: &Fixture, messages: &[ChatMessage], images: &[usize]) -> Request<P
             ..StopParams::default()
         },
         n: 1,
+        grammar: None,
     };
     service::request::request(&f.loaded, &prompt, images, generation)
 }

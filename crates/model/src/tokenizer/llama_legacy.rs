@@ -227,6 +227,10 @@ impl LlamaLegacy {
         self.special_ids.contains(&id)
     }
 
+    pub(crate) fn is_added(&self, id: u32) -> bool {
+        self.added.content(id).is_some()
+    }
+
     /// `len(tokenizer)`: pieces plus the added tokens that are not pieces.
     pub(crate) fn vocab_size(&self) -> usize {
         self.vocab_size

@@ -164,6 +164,16 @@ impl Tokenizer {
         }
     }
 
+    /// Whether `id` is markup rather than text: a special token, or an added token (`<img>`,
+    /// `<IMG_CONTEXT>`, `<ref>`). Constrained decoding never produces these by accident.
+    pub fn is_markup(&self, id: u32) -> bool {
+        self.is_special(id)
+            || match &self.backend {
+                Backend::SentencePiece(t) => t.is_added(id),
+                Backend::TokenizerJson(t) => t.is_added(id),
+            }
+    }
+
     /// Whether `decode(.., skip_special_tokens = true)` drops `id`. For the upstream slow
     /// tokenizer that is BOS, EOS, UNK and PAD only: `<img>` and the other added tokens are not
     /// special there and stay in decoded text.

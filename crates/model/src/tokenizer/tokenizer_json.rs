@@ -17,6 +17,8 @@ pub(crate) struct TokenizerJson {
     inner: tokenizers::Tokenizer,
     /// Added tokens flagged special: what `skip_special_tokens` drops here.
     special_ids: HashSet<u32>,
+    /// Every added token, special or not.
+    added_ids: HashSet<u32>,
 }
 
 impl TokenizerJson {
@@ -27,16 +29,18 @@ impl TokenizerJson {
                 source,
             }
         })?;
-        let special_ids = inner
-            .get_added_tokens_decoder()
-            .into_iter()
+        let added = inner.get_added_tokens_decoder();
+        let special_ids = added
+            .iter()
             .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
+            .map(|(&id, _)| id)
             .collect();
+        let added_ids = added.keys().copied().collect();
         Ok(TokenizerJson {
             path: path.to_owned(),
             inner,
             special_ids,
+            added_ids,
         })
     }
 
@@ -81,6 +85,10 @@ impl TokenizerJson {
 
     pub(crate) fn is_special(&self, id: u32) -> bool {
         self.special_ids.contains(&id)
+    }
+
+    pub(crate) fn is_added(&self, id: u32) -> bool {
+        self.added_ids.contains(&id)
     }
 
     pub(crate) fn vocab_size(&self) -> usize {

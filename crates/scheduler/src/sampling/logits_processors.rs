@@ -1,10 +1,12 @@
 //! What reshapes one request's logits before a token is drawn: an ordered list of
-//! processors (the penalties, then the logit bias), then the step's banned tokens.
+//! processors (the penalties, then the logit bias), then the grammar's mask of allowed tokens,
+//! then the step's banned tokens.
 //!
 //! Each processor is one variant of [`LogitsProcessor`], kept up to date with the request's
-//! tokens and applied in list order, so a new way of steering the logits (a grammar's mask of
-//! allowed tokens) is one more variant. A request with no processor and no ban samples from
-//! the model's logits as they are, without a copy.
+//! tokens and applied in list order. The grammar's mask is computed apart (for all of a step's
+//! constrained sequences in parallel, while the forward runs: see `scheduler.rs`) and handed
+//! in with the step. A request with no processor, no mask and no ban samples from the model's
+//! logits as they are, without a copy.
 //!
 //! The penalties need how often each token occurred. Recounting the whole prompt and output at
 //! every step would cost O(sequence length) per step for every running request, so the counts
@@ -14,6 +16,7 @@
 use std::borrow::Cow;
 
 use super::params::{SamplingError, SamplingParams};
+use crate::grammar::TokenMask;
 
 /// A request's logits processors, in the order they apply.
 #[derive(Debug, Clone)]
@@ -42,25 +45,30 @@ impl LogitsProcessors {
         Self { list }
     }
 
-    /// `logits` as the processors and then `banned` leave them. `prompt` and `generated` are
-    /// the request's tokens so far (see [`Penalties::update`]); every processor is brought up
-    /// to date before any applies, so an error leaves the logits untouched.
+    /// `logits` as the processors, then the grammar's `allowed` tokens, then `banned` leave
+    /// them. `prompt` and `generated` are the request's tokens so far (see
+    /// [`Penalties::update`]); every processor is brought up to date before any applies, so an
+    /// error leaves the logits untouched.
     pub(crate) fn process<'a>(
         &mut self,
         logits: &'a [f32],
         prompt: &[u32],
         generated: &[u32],
         banned: &[u32],
+        allowed: Option<&TokenMask>,
     ) -> Result<Cow<'a, [f32]>, SamplingError> {
         for processor in &mut self.list {
             processor.update(prompt, generated)?;
         }
-        if self.list.is_empty() && banned.is_empty() {
+        if self.list.is_empty() && banned.is_empty() && allowed.is_none() {
             return Ok(Cow::Borrowed(logits));
         }
         let mut owned = logits.to_vec();
         for processor in &self.list {
             processor.apply(&mut owned);
+        }
+        if let Some(mask) = allowed {
+            mask.apply(&mut owned);
         }
         ban(&mut owned, banned)?;
         Ok(Cow::Owned(owned))

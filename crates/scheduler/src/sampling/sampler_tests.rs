@@ -25,7 +25,10 @@ fn frequencies(params: SamplingParams, logits: &[f32], generated: &[u32]) -> Vec
     let mut sampler = Sampler::new(params, logits.len()).unwrap();
     let mut counts = vec![0usize; logits.len()];
     for _ in 0..DRAWS {
-        let token = sampler.sample(logits, &[], generated, &[]).unwrap().token;
+        let token = sampler
+            .sample(logits, &[], generated, &[], None)
+            .unwrap()
+            .token;
         counts[token as usize] += 1;
     }
     counts.iter().map(|&c| c as f64 / DRAWS as f64).collect()
@@ -93,7 +96,9 @@ fn greedy_takes_the_first_maximum_whatever_the_truncation() {
         4,
     )
     .unwrap();
-    let sampled = s.sample(&[0.1, 3.0, -1.0, 3.0], &[], &[], &[]).unwrap();
+    let sampled = s
+        .sample(&[0.1, 3.0, -1.0, 3.0], &[], &[], &[], None)
+        .unwrap();
     assert_eq!(sampled.token, 1);
     assert_eq!((sampled.logprob, sampled.top_logprobs), (None, vec![]));
     assert_eq!(
@@ -226,7 +231,7 @@ fn repetition_penalty_covers_prompt_and_output() {
     let mut generated = vec![1];
     for _ in 0..DRAWS {
         let token = sampler
-            .sample(&logits, &[0], &generated, &[])
+            .sample(&logits, &[0], &generated, &[], None)
             .unwrap()
             .token;
         counts[token as usize] += 1;
@@ -259,17 +264,30 @@ fn logit_bias_is_added() {
 fn banned_tokens_are_never_chosen() {
     let logits = [5.0f32, 0.0, 1.0];
     let mut greedy = Sampler::new(SamplingParams::default(), 3).unwrap();
-    assert_eq!(greedy.sample(&logits, &[], &[], &[0]).unwrap().token, 2);
+    assert_eq!(
+        greedy.sample(&logits, &[], &[], &[0], None).unwrap().token,
+        2
+    );
     let mut random = Sampler::new(with_temperature(2.0), 3).unwrap();
     for _ in 0..1000 {
-        assert_ne!(random.sample(&logits, &[], &[], &[0, 2]).unwrap().token, 0);
+        assert_ne!(
+            random
+                .sample(&logits, &[], &[], &[0, 2], None)
+                .unwrap()
+                .token,
+            0
+        );
     }
     assert_eq!(
-        random.sample(&logits, &[], &[], &[0, 1, 2]).unwrap_err(),
+        random
+            .sample(&logits, &[], &[], &[0, 1, 2], None)
+            .unwrap_err(),
         SamplingError::NoCandidates
     );
     assert_eq!(
-        greedy.sample(&logits, &[], &[], &[0, 1, 2]).unwrap_err(),
+        greedy
+            .sample(&logits, &[], &[], &[0, 1, 2], None)
+            .unwrap_err(),
         SamplingError::NoCandidates
     );
 }
@@ -306,7 +324,9 @@ fn logprobs_are_the_log_softmax_after_penalties_before_temperature() {
     let mut sampler = Sampler::new(params, logits.len()).unwrap();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..200 {
-        let s = sampler.sample(&logits, &prompt, &generated, &[12]).unwrap();
+        let s = sampler
+            .sample(&logits, &prompt, &generated, &[12], None)
+            .unwrap();
         seen.insert(s.token);
         let lp = s.logprob.unwrap() as f64;
         assert!((lp - log_softmax[s.token as usize]).abs() < 1e-4);
@@ -333,7 +353,7 @@ fn logprobs_are_the_log_softmax_after_penalties_before_temperature() {
         logits.len(),
     )
     .unwrap();
-    let s = only_chosen.sample(&logits, &[], &[], &[]).unwrap();
+    let s = only_chosen.sample(&logits, &[], &[], &[], None).unwrap();
     assert!(s.logprob.is_some() && s.top_logprobs.is_empty());
 }
 
@@ -347,7 +367,7 @@ fn top_logprobs_skip_impossible_tokens() {
         3,
     )
     .unwrap();
-    let out = s.sample(&[0.0, 0.0, 1.0], &[], &[], &[1]).unwrap();
+    let out = s.sample(&[0.0, 0.0, 1.0], &[], &[], &[1], None).unwrap();
     assert_eq!(out.token, 2);
     let ids: Vec<u32> = out.top_logprobs.iter().map(|&(id, _)| id).collect();
     assert_eq!(ids, [2, 0]);
@@ -367,7 +387,7 @@ fn a_seed_fixes_the_tokens_whatever_else_is_sampled() {
     let alone = {
         let mut s = Sampler::new(params(7), 50).unwrap();
         (0..64)
-            .map(|_| s.sample(&logits, &[], &[], &[]).unwrap().token)
+            .map(|_| s.sample(&logits, &[], &[], &[], None).unwrap().token)
             .collect::<Vec<_>>()
     };
     // The same request batched with others, sampled in between them.
@@ -378,14 +398,19 @@ fn a_seed_fixes_the_tokens_whatever_else_is_sampled() {
     let mut batched = Vec::new();
     for step in 0..64 {
         for other in others.iter_mut().take(step % 4) {
-            other.sample(&logits, &[], &[], &[]).unwrap();
+            other.sample(&logits, &[], &[], &[], None).unwrap();
         }
-        batched.push(s.sample(&logits, &[], &[], &[]).unwrap().token);
+        batched.push(s.sample(&logits, &[], &[], &[], None).unwrap().token);
     }
     assert_eq!(alone, batched);
     let mut other_seed = Sampler::new(params(8), 50).unwrap();
     let different: Vec<u32> = (0..64)
-        .map(|_| other_seed.sample(&logits, &[], &[], &[]).unwrap().token)
+        .map(|_| {
+            other_seed
+                .sample(&logits, &[], &[], &[], None)
+                .unwrap()
+                .token
+        })
         .collect();
     assert_ne!(alone, different);
 }
@@ -521,21 +546,21 @@ fn rejects_bad_settings() {
     )
     .unwrap();
     assert_eq!(
-        s.sample(&[0.0; 4], &[], &[], &[]).unwrap_err(),
+        s.sample(&[0.0; 4], &[], &[], &[], None).unwrap_err(),
         SamplingError::LogitsLen {
             expected: 3,
             got: 4
         }
     );
     assert_eq!(
-        s.sample(&[0.0; 3], &[], &[5], &[]).unwrap_err(),
+        s.sample(&[0.0; 3], &[], &[5], &[], None).unwrap_err(),
         SamplingError::TokenOutOfRange {
             token: 5,
             vocab_size: 3
         }
     );
     assert_eq!(
-        s.sample(&[0.0; 3], &[], &[], &[3]).unwrap_err(),
+        s.sample(&[0.0; 3], &[], &[], &[3], None).unwrap_err(),
         SamplingError::TokenOutOfRange {
             token: 3,
             vocab_size: 3

@@ -1,4 +1,5 @@
-//! The OpenAI-compatible API: wire types (`openai`), request checks (`validate`, `messages`),
+//! The OpenAI-compatible API: wire types (`openai`), request checks (`validate`, `messages`,
+//! `structured`),
 //! errors, request ids, the middleware layers, and the handlers (`routes`, `chat`).
 
 pub mod chat;
@@ -9,4 +10,5 @@ pub mod middleware;
 pub mod openai;
 pub mod request_id;
 pub mod routes;
+pub mod structured;
 pub mod validate;

@@ -43,23 +43,122 @@ pub struct ChatCompletionRequest {
     pub min_tokens: Option<u64>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub ignore_eos: bool,
-    pub response_format: Option<Value>,
-    /// Fields of the API this server does not implement; any present is refused by name.
+    /// OpenAI's structured outputs: `text`, `json_object` or `json_schema`.
+    pub response_format: Option<ResponseFormat>,
+    /// vLLM's structured outputs (`json`, `regex`, `choice`, `grammar`).
+    pub structured_outputs: Option<StructuredOutputs>,
+    /// vLLM's older fields for the same, which clients still send.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
+    /// Every other field: refused by name when it is a known field of OpenAI's or vLLM's API
+    /// that this server does not implement, ignored with a warning otherwise.
     #[serde(flatten)]
     pub other: HashMap<String, Value>,
 }
 
+/// OpenAI's `response_format`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// OpenAI's `response_format.json_schema`. `strict` is accepted either way: the output always
+/// follows the schema exactly.
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    pub description: Option<String>,
+    /// OpenAI lets it out for "any JSON"; a missing schema is `{}`.
+    pub schema: Option<Value>,
+    pub strict: Option<bool>,
+}
+
+/// vLLM's `structured_outputs`: exactly one of the constraints. `json` is a schema, as an
+/// object or as a JSON string.
+#[derive(Debug, Default, Deserialize)]
+pub struct StructuredOutputs {
+    pub json: Option<Value>,
+    pub regex: Option<String>,
+    pub choice: Option<Vec<String>>,
+    pub grammar: Option<String>,
+    pub json_object: Option<bool>,
+    /// Its other fields (`structural_tag`, `whitespace_pattern`, ...): refused by name.
+    #[serde(flatten)]
+    pub other: HashMap<String, Value>,
+}
+
+/// One entry of `tools`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDefinition,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionDefinition {
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON schema of the arguments object; missing means no arguments (`{}`).
+    pub parameters: Option<Value>,
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `"none"`, `"auto"`, `"required"`, or a named function.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "\"none\", \"auto\", \"required\", or {\"type\": \"function\", \"function\": {\"name\": \"...\"}}"
+)]
+pub enum ToolChoice {
+    Mode(String),
+    Named(NamedToolChoice),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NamedToolChoice {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionName,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionName {
+    pub name: String,
+}
+
+/// A call the assistant made, in a request's history or in a response.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON string, as OpenAI sends them.
+    pub arguments: String,
+}
+
 /// Fields of the OpenAI API that change the result and that we cannot honour yet.
-pub const UNSUPPORTED_FIELDS: [&str; 9] = [
-    "tools",
-    "tool_choice",
+pub const UNSUPPORTED_FIELDS: [&str; 6] = [
     "functions",
     "function_call",
     "audio",
     "modalities",
     "prediction",
     "web_search_options",
-    "parallel_tool_calls",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +179,12 @@ pub struct RequestMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
+    /// An assistant message's calls.
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
+    /// A `tool` message's function name (OpenAI's older shape), or a participant's name.
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

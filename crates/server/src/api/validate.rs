@@ -4,7 +4,8 @@
 
 use super::error::{echoed, ApiError};
 use super::messages::convert_messages;
-use super::openai::{ChatCompletionRequest, Stop, UNSUPPORTED_FIELDS};
+use super::openai::{ChatCompletionRequest, ResponseFormat, Stop, UNSUPPORTED_FIELDS};
+use super::structured::{constraint, Constrained};
 use internvl_model::prompt::ChatMessage;
 use internvl_scheduler::{SamplingError, SamplingParams, StopError, StopParams, SubmitError};
 
@@ -37,6 +38,8 @@ pub struct ChatPlan {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// The grammar the output must follow, compiled with the prompt's tokenization.
+    pub constrained: Option<Constrained>,
 }
 
 impl ChatPlan {
@@ -83,13 +86,17 @@ pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPl
             ));
         }
     }
-    if let Some(format) = &req.response_format {
-        if format.get("type").and_then(|t| t.as_str()) != Some("text") {
-            return Err(ApiError::invalid(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
+    if req.tools.is_some() || req.tool_choice.is_some() || req.parallel_tool_calls.is_some() {
+        return Err(ApiError::invalid(
+            "tools",
+            "`tools` is not supported by this server",
+        ));
+    }
+    if !matches!(req.response_format, None | Some(ResponseFormat::Text)) {
+        return Err(ApiError::invalid(
+            "response_format",
+            "only response_format {\"type\": \"text\"} is supported",
+        ));
     }
     let (messages, image_urls) = convert_messages(&req.messages, rules.max_prompt_bytes)?;
     if image_urls.len() > rules.max_images {
@@ -114,6 +121,7 @@ pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPl
         "max_tokens"
     };
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).map(count);
+    let constrained = constraint(&req)?;
     let sampling = sampling(&req)?;
     sampling
         .validate(rules.vocab_size)
@@ -146,6 +154,7 @@ pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPl
         n: req.n.map_or(1, count),
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        constrained,
     })
 }
 
@@ -333,11 +342,6 @@ mod tests {
                     {"type": "text", "text": text_40},
                     {"type": "text", "text": text_40}]}]}),
                 "messages",
-            ),
-            (json!({"tools": [{"type": "function"}]}), "tools"),
-            (
-                json!({"response_format": {"type": "json_object"}}),
-                "response_format",
             ),
             (
                 json!({"stream_options": {"include_usage": true}}),

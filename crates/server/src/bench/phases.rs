@@ -107,6 +107,7 @@ impl Bench<'_> {
                     ..StopParams::default()
                 },
                 n: 1,
+                grammar: None,
             };
             let submitted = Instant::now();
             let stream = engine.submit(request(self.loaded, prompt, vec![image], generation))?;

@@ -1,17 +1,20 @@
 //! The model behind the engine, built one way for `serve`, `generate`, `bench` and the tests:
 //! the weights loaded ([`model`]), the KV cache sized once and that one size given to both
 //! the engine and the runner ([`kv_cache`]), and engine requests made from an encoded
-//! conversation ([`request`]).
+//! conversation ([`request`]), and the compiler of their grammars over the model's vocabulary
+//! ([`grammar`]).
 
+pub mod grammar;
 pub mod kv_cache;
 pub mod model;
 pub mod request;
 
 use crate::runner::{CandleRunner, TokenizerDecoder};
 use anyhow::bail;
+use anyhow::Context;
 use internvl_model::preprocess::PixelValues;
 use internvl_model::LoadedModel;
-use internvl_scheduler::{Engine, EngineConfig, ModelRunner};
+use internvl_scheduler::{Engine, EngineConfig, GrammarCompiler, ModelRunner};
 use kv_cache::{KvCacheLayout, KvCacheSize};
 use std::sync::Arc;
 
@@ -34,6 +37,8 @@ pub struct Service {
     pub max_model_len: usize,
     /// The KV cache the engine and the runner share.
     pub kv_cache: KvCacheLayout,
+    /// Compiles requests' grammars (structured outputs, tool calls) for this model.
+    pub grammars: GrammarCompiler,
 }
 
 impl Service {
@@ -57,12 +62,15 @@ impl Service {
     where
         R: ModelRunner<Pixels = PixelValues>,
     {
+        let grammars = grammar::compiler(&loaded.tokenizer, loaded.model.config().llm.vocab_size)
+            .context("building the grammar compiler")?;
         let (engine, max_model_len, kv_cache) = start_engine(&loaded, shape, tune, wrap)?;
         Ok(Service {
             loaded,
             engine,
             max_model_len,
             kv_cache,
+            grammars,
         })
     }
 }

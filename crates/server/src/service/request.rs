@@ -3,7 +3,7 @@
 
 use internvl_model::preprocess::PixelValues;
 use internvl_model::{EncodedPrompt, LoadedModel};
-use internvl_scheduler::{ContentHash, ImageInput, Request, SamplingParams, StopParams};
+use internvl_scheduler::{ContentHash, Grammar, ImageInput, Request, SamplingParams, StopParams};
 use std::sync::Arc;
 
 /// An image ready for the engine: its pixels, and the SHA-256 of its encoded file, so equal
@@ -31,6 +31,8 @@ pub struct Generation {
     pub stop: StopParams,
     /// Completions of the one prompt.
     pub n: usize,
+    /// The grammar every completion follows, compiled for this model.
+    pub grammar: Option<Grammar>,
 }
 
 /// The request for `prompt` whose images, in order, are `images`.
@@ -47,6 +49,7 @@ pub fn request(
         stop: generation.stop,
         skip_special_tokens: true,
         n: generation.n,
+        grammar: generation.grammar,
     }
 }
 

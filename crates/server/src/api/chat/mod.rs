@@ -44,18 +44,30 @@ pub async fn chat_completions(
     let mut plan = validate_chat(req, &rules)?;
     let admission = state.admit()?;
     let messages = std::mem::take(&mut plan.messages);
-    let prompt = state
+    let constrained = plan.constrained.take();
+    // The grammar is compiled beside the tokenization, off the async workers and the engine's
+    // step thread; its work is bounded by llguidance's fuel (see `GrammarLimits`).
+    let (prompt, grammar) = state
         .tokenize(move |ready| {
-            ready
+            let prompt = ready
                 .loaded
                 .encode_prompt(&messages)
-                .map_err(|e| ApiError::invalid("messages", e.to_string()))
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+            let grammar = constrained
+                .map(|c| {
+                    ready.grammars.compile(&c.spec).map_err(|e| {
+                        ApiError::invalid(c.param, format!("Invalid {}: {e}", c.param))
+                    })
+                })
+                .transpose()?;
+            Ok::<_, ApiError>((prompt, grammar))
         })
         .await?;
     let generation = Generation {
         sampling: plan.sampling.clone(),
         stop: plan.stop_for(prompt.ids.len(), ready.max_model_len),
         n: plan.n,
+        grammar,
     };
     // Checked before the images are fetched: the images change none of the engine's rules.
     let mut request = request(&ready.loaded, &prompt, Vec::new(), generation);
