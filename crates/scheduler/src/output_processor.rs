@@ -76,12 +76,21 @@ impl OutputProcessor<'_> {
                 continue;
             };
             let mut text = step.text;
-            if !stopped_by_token {
+            // A stop token has no text, but it is a completion token: with logprobs asked
+            // for, it is reported (without text) so that logprobs cover every completion
+            // token, as OpenAI's and vLLM's do.
+            let report_token = !stopped_by_token || sampled.logprob.is_some();
+            if report_token {
                 if step.stop_reason.is_none() {
                     // Length: the full decode's last characters, even if incomplete.
                     text.push_str(&seq.flush_text());
                 }
-                let token = seq.token_event(sampled, std::mem::take(&mut text));
+                let token_text = if stopped_by_token {
+                    String::new()
+                } else {
+                    std::mem::take(&mut text)
+                };
+                let token = seq.token_event(sampled, token_text);
                 if !self.report(seq, token) {
                     ended.push((id, None));
                     continue;

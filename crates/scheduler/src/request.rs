@@ -77,7 +77,8 @@ pub struct RequestTimings {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A generated token, with the text it completes (often empty: the rest of a character,
-    /// or text that may still become a stop string, comes later). Stop tokens are not reported.
+    /// or text that may still become a stop string, comes later). Stop tokens (EOS, stop token
+    /// ids) are reported only when the request asked for logprobs, with no text.
     Token {
         /// Which of the request's `n` completions.
         index: usize,

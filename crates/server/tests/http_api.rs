@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixture_data_url, root, sse_data, Server, Wait, MODEL};
+use common::{demo_model, fixture_data_url, root, sse_data, Server, Wait, MODEL};
 use internvl_server::settings::ServeArgs;
 use serde_json::{json, Value};
 use std::sync::LazyLock;
@@ -179,6 +179,46 @@ async fn non_streamed_answer_has_every_field() {
     );
     assert!(usage["prompt_tokens_details"]["cached_tokens"].is_u64());
     assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 0);
+}
+
+/// An answer that ends on EOS counts the EOS as a completion token; its logprobs have an
+/// entry for it too (the token's text is empty), streamed or not.
+#[tokio::test]
+async fn logprobs_cover_the_eos_that_ends_an_answer() {
+    let s = Server::start(|_| {}).await;
+    let eos = internvl_model::tokenizer::Tokenizer::from_dir(&demo_model())
+        .unwrap()
+        .eos_id();
+    let mut bias = serde_json::Map::new();
+    bias.insert(eos.to_string(), json!(100));
+    let body = chat(json!({"logprobs": true, "top_logprobs": 2, "logit_bias": bias}));
+    let (status, whole) = s.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop", "{whole}");
+    let completion_tokens = whole["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(completion_tokens < 8, "EOS ended it: {whole}");
+    let content = choice["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), completion_tokens, "{whole}");
+    let last = &content[completion_tokens - 1];
+    assert_eq!(last["token"], "</s>");
+    assert_eq!(last["top_logprobs"].as_array().unwrap().len(), 2);
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let chunks: Vec<Value> = s
+        .stream(streamed)
+        .await
+        .iter()
+        .filter(|c| *c != "[DONE]")
+        .map(|c| serde_json::from_str(c).unwrap())
+        .collect();
+    let entries: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(entries.len(), completion_tokens, "{chunks:?}");
+    assert_eq!(entries[completion_tokens - 1]["logprob"], last["logprob"]);
 }
 
 #[tokio::test]
