@@ -11,7 +11,10 @@
 //!    text tokens, one generated token): the time to first token of a chat alone;
 //! 4. each `--concurrency` level: that many chats submitted at once — one image, a question
 //!    sized to `--prompt-tokens`, `--max-tokens` generated tokens with end-of-sequence
-//!    ignored — on a fresh engine whose KV cache is sized for that level.
+//!    ignored — on a fresh engine whose KV cache is sized for that level. With
+//!    `--json-schema FILE`, every chat of every phase is held to that schema (structured
+//!    outputs): a chat then ends early when its JSON completes, and each level reports the
+//!    grammar masks' time per token (p50, p99).
 //!
 //! A failed phase (out of memory at a level, say) is reported and the next one runs; the
 //! command then exits non-zero. `--json PATH` writes everything measured, rewritten after each
@@ -26,6 +29,8 @@ use crate::model_args::ModelArgs;
 use anyhow::{bail, Context};
 use gpu_memory::MemorySampler;
 use internvl_model::preprocess::preprocess;
+use internvl_scheduler::GrammarSpec;
+use internvl_server::service::grammar;
 use internvl_server::service::model::Progress;
 use internvl_server::service::request::PreparedImage;
 use internvl_server::settings::defaults;
@@ -37,7 +42,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// What each reported number means; also written to the JSON.
-const DEFINITIONS: [(&str, &str); 6] = [
+const DEFINITIONS: [(&str, &str); 7] = [
     (
         "decode_tok_s",
         "steady-state decode rate of a level: tokens emitted while every chat of the level was \
@@ -65,6 +70,13 @@ const DEFINITIONS: [(&str, &str); 6] = [
         "vit_ms_per_image",
         "vision encoder (ViT + pixel shuffle + projector) on a batch of B preprocessed images \
          already on the device, median over the timed runs of the batch time, divided by B",
+    ),
+    (
+        "grammar_mask_us",
+        "with --json-schema: the time llguidance took to compute one constrained token's mask \
+         of allowed tokens, p50 and p99 over the level's tokens (upper bounds of histogram \
+         buckets about 19 % wide); a step's masks are computed on other threads while its \
+         forward runs",
     ),
     (
         "gpu_memory",
@@ -114,6 +126,11 @@ pub struct BenchArgs {
     /// image counts as new, so the vision encoder runs for each).
     #[arg(long)]
     caching: bool,
+    /// Hold every chat to this JSON schema, as `response_format` json_schema does: the cost of
+    /// structured outputs. A chat then ends when its JSON is complete, possibly before
+    /// --max-tokens; throughput counts the tokens generated.
+    #[arg(long)]
+    json_schema: Option<PathBuf>,
     #[arg(long, default_value_t = defaults::BLOCK_SIZE)]
     block_size: usize,
     #[arg(long, default_value_t = defaults::MAX_NUM_BATCHED_TOKENS)]
@@ -144,11 +161,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if images.is_empty() {
         bail!("no images");
     }
+    let grammar = match &args.json_schema {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let schema = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            let compiler =
+                grammar::compiler(&loaded.tokenizer, loaded.model.config().llm.vocab_size)?;
+            let compiled = compiler
+                .compile(&GrammarSpec::JsonSchema(schema))
+                .with_context(|| format!("compiling {}", path.display()))?;
+            Some(compiled)
+        }
+    };
     let prompt = chat_prompt(&loaded, args.prompt_tokens)?;
     let tokens_per_image = loaded.model.config().num_image_tokens();
     eprintln!(
         "model {} | {} {:?} | loaded in {load_s:.1} s | {} prompt tokens ({} image tokens) | \
-         {} generated tokens | caching {}",
+         {} generated tokens | caching {} | json schema {}",
         match &args.model.random_weights {
             Some(config) => format!("{} (random weights)", config.display()),
             None => dir.display().to_string(),
@@ -158,13 +190,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         prompt.ids.len(),
         tokens_per_image,
         args.max_tokens,
-        args.caching
+        args.caching,
+        args.json_schema
+            .as_ref()
+            .map_or("none".into(), |p| p.display().to_string()),
     );
 
     let mut bench = Bench {
         args: &args,
         loaded: &loaded,
         images,
+        grammar,
         next_hash: 0,
         memory,
         single_stream: None,
@@ -178,6 +214,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "image_tokens": tokens_per_image,
             "load_s": round(load_s, 3),
             "caching": args.caching,
+            "json_schema": args.json_schema.as_ref().map(|p| p.display().to_string()),
             "block_size": args.block_size,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "definitions": DEFINITIONS.iter().map(|(k, v)| (k.to_string(), json!(v)))
@@ -236,9 +273,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !levels.is_empty() {
         println!(
             "| concurrency | decode tok/s (all decoding) | aggregate tok/s | × single stream | \
-             TTFT p50 (ms) | TTFT p99 (ms) | wall (s) | peak GPU MiB |"
+             TTFT p50 (ms) | TTFT p99 (ms) | wall (s) | peak GPU MiB | mask p50 / p99 (µs) |"
         );
-        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     }
     for concurrency in levels {
         let result = bench.level(&prompt, concurrency).unwrap_or_else(|e| {

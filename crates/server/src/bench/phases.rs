@@ -10,7 +10,9 @@ use candle_core::Device;
 use internvl_model::loader::pixel_batch;
 use internvl_model::preprocess::PixelValues;
 use internvl_model::{EncodedPrompt, LoadedModel};
-use internvl_scheduler::{ContentHash, Engine, EngineConfig, Event, SamplingParams, StopParams};
+use internvl_scheduler::{
+    ContentHash, Engine, EngineConfig, Event, Grammar, SamplingParams, StopParams,
+};
 use internvl_server::service::kv_cache::KvCacheSize;
 use internvl_server::service::request::{request, Generation, PreparedImage};
 use internvl_server::service::{start_engine, EngineShape};
@@ -32,6 +34,8 @@ pub(super) struct Bench<'a> {
     pub(super) loaded: &'a LoadedModel,
     /// The images, used in turn by the chats.
     pub(super) images: Vec<PreparedImage>,
+    /// `--json-schema`, compiled: each chat follows a copy.
+    pub(super) grammar: Option<Grammar>,
     /// Distinct content hashes for chats while caching is off.
     pub(super) next_hash: u64,
     pub(super) memory: Option<MemorySampler>,
@@ -107,7 +111,7 @@ impl Bench<'_> {
                     ..StopParams::default()
                 },
                 n: 1,
-                grammar: None,
+                grammar: self.grammar.clone(),
             };
             let submitted = Instant::now();
             let stream = engine.submit(request(self.loaded, prompt, vec![image], generation))?;
@@ -145,7 +149,10 @@ impl Bench<'_> {
             );
         }
         for t in &traces {
-            if t.tokens.len() != max_tokens {
+            // Under a schema a chat ends when its JSON does.
+            let complete = t.tokens.len() == max_tokens
+                || self.grammar.is_some() && (1..max_tokens).contains(&t.tokens.len());
+            if !complete {
                 bail!("a chat got {} tokens, not {max_tokens}", t.tokens.len());
             }
         }
@@ -283,7 +290,7 @@ impl Bench<'_> {
             .flat_map(|t| t.inter_token.iter().map(Duration::as_secs_f64))
             .collect();
         itl.sort_by(f64::total_cmp);
-        let total = concurrency * max_tokens;
+        let total: usize = traces.iter().map(|t| t.tokens.len()).sum();
         let aggregate = total as f64 / wall;
         if concurrency == 1 {
             self.single_stream = Some(aggregate);
@@ -295,13 +302,19 @@ impl Bench<'_> {
             Some(v) => format!("{v:.digits$}"),
             None => "-".into(),
         };
+        let masks = &stats.grammar_masks;
+        let mask_us = |q: f64| masks.quantile(q).map(|d| d.as_secs_f64() * 1e6);
         println!(
-            "| {concurrency} | {} | {aggregate:.1} | {} | {:.0} | {:.0} | {wall:.1} | {} |",
+            "| {concurrency} | {} | {aggregate:.1} | {} | {:.0} | {:.0} | {wall:.1} | {} | {} |",
             show(decode, 1),
             show(vs_single, 2),
             percentile(&ttfts, 0.5) * 1e3,
             percentile(&ttfts, 0.99) * 1e3,
             peak.map_or("-".into(), |p| mib(p).to_string()),
+            match (mask_us(0.5), mask_us(0.99)) {
+                (Some(p50), Some(p99)) => format!("{p50:.0} / {p99:.0}"),
+                _ => "-".into(),
+            },
         );
         eprintln!(
             "  concurrency {concurrency}: {} steps, {} preemptions | vision {:.2} s ({} images), \
@@ -338,6 +351,11 @@ impl Bench<'_> {
             "images_encoded": stats.images_encoded,
             "llm_forward_s": round(stats.forward_time.as_secs_f64(), 3),
             "peak_gpu_used_mib": peak.map(mib),
+            "grammar_masks": masks.count(),
+            "grammar_mask_mean_us": (masks.count() > 0)
+                .then(|| round(masks.total().as_secs_f64() * 1e6 / masks.count() as f64, 1)),
+            "grammar_mask_p50_us": mask_us(0.5).map(|v| round(v, 1)),
+            "grammar_mask_p99_us": mask_us(0.99).map(|v| round(v, 1)),
         }))
     }
 }
