@@ -1,10 +1,11 @@
 //! The OpenAI-compatible API: wire types (`openai`), request checks (`validate`, `messages`,
-//! `structured`),
+//! `structured`, `fields`),
 //! errors, request ids, the middleware layers, and the handlers (`routes`, `chat`).
 
 pub mod chat;
 pub mod error;
 pub mod extract;
+pub mod fields;
 pub mod messages;
 pub mod middleware;
 pub mod openai;

@@ -1,7 +1,7 @@
 //! The OpenAI chat-completions wire format, as the official SDKs send and expect it.
 //!
-//! Request fields we cannot honour are captured (not ignored) so validation can refuse them by
-//! name; unknown fields are ignored, as OpenAI-compatible servers do.
+//! Fields not read here are captured in `other`, where `fields` refuses the known ones this
+//! server does not implement by name and ignores the rest.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -43,6 +43,8 @@ pub struct ChatCompletionRequest {
     pub min_tokens: Option<u64>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub ignore_eos: bool,
+    /// vLLM's: tokens that end the answer, besides EOS.
+    pub stop_token_ids: Option<Vec<u32>>,
     /// OpenAI's structured outputs: `text`, `json_object` or `json_schema`.
     pub response_format: Option<ResponseFormat>,
     /// vLLM's structured outputs (`json`, `regex`, `choice`, `grammar`).
@@ -150,16 +152,6 @@ pub struct FunctionCall {
     /// The arguments as a JSON string, as OpenAI sends them.
     pub arguments: String,
 }
-
-/// Fields of the OpenAI API that change the result and that we cannot honour yet.
-pub const UNSUPPORTED_FIELDS: [&str; 6] = [
-    "functions",
-    "function_call",
-    "audio",
-    "modalities",
-    "prediction",
-    "web_search_options",
-];
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]

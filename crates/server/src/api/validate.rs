@@ -3,8 +3,9 @@
 //! Kept apart from the handlers so every rule is testable without HTTP.
 
 use super::error::{echoed, ApiError};
+use super::fields::check_other_fields;
 use super::messages::convert_messages;
-use super::openai::{ChatCompletionRequest, ResponseFormat, Stop, UNSUPPORTED_FIELDS};
+use super::openai::{ChatCompletionRequest, Stop};
 use super::structured::{constraint, Constrained};
 use internvl_model::prompt::ChatMessage;
 use internvl_scheduler::{SamplingError, SamplingParams, StopError, StopParams, SubmitError};
@@ -61,6 +62,19 @@ fn count(value: u64) -> usize {
     usize::try_from(value).unwrap_or(usize::MAX)
 }
 
+/// `ids` without repeats, in their first order. Each generated token is looked up in the stop
+/// tokens, so repeats (as many as the body limit allows) would let a client set the cost of
+/// every token; ids past the vocabulary are kept for [`StopParams::validate`] to refuse.
+fn distinct_tokens(ids: Vec<u32>, vocab_size: usize) -> Vec<u32> {
+    let mut seen = vec![false; vocab_size];
+    ids.into_iter()
+        .filter(|&id| match seen.get_mut(id as usize) {
+            Some(seen) => !std::mem::replace(seen, true),
+            None => true,
+        })
+        .collect()
+}
+
 /// 404 for a model this server does not serve. Only the start of the name is echoed: the
 /// field is unbounded (up to the body limit), the answer must not be.
 pub fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
@@ -78,24 +92,11 @@ pub fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
 /// shapes, `top_k: -1`, token ids as strings) and what is this server's (fields it does not
 /// support, images per request, prompt size).
 pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPlan, ApiError> {
-    for field in UNSUPPORTED_FIELDS {
-        if req.other.get(field).is_some_and(|v| !v.is_null()) {
-            return Err(ApiError::invalid(
-                field,
-                format!("`{field}` is not supported by this server"),
-            ));
-        }
-    }
+    check_other_fields(&req.other)?;
     if req.tools.is_some() || req.tool_choice.is_some() || req.parallel_tool_calls.is_some() {
         return Err(ApiError::invalid(
             "tools",
             "`tools` is not supported by this server",
-        ));
-    }
-    if !matches!(req.response_format, None | Some(ResponseFormat::Text)) {
-        return Err(ApiError::invalid(
-            "response_format",
-            "only response_format {\"type\": \"text\"} is supported",
         ));
     }
     let (messages, image_urls) = convert_messages(&req.messages, rules.max_prompt_bytes)?;
@@ -129,6 +130,7 @@ pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPl
     let stop = StopParams {
         max_tokens: max_tokens.unwrap_or(usize::MAX),
         min_tokens: req.min_tokens.map_or(0, count),
+        stop_token_ids: distinct_tokens(req.stop_token_ids.unwrap_or_default(), rules.vocab_size),
         stop_strings: match req.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s],
@@ -136,7 +138,6 @@ pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPl
         },
         ignore_eos: req.ignore_eos,
         eos_token_id: Some(rules.eos_token_id),
-        ..StopParams::default()
     };
     stop.validate(rules.vocab_size).map_err(|e| match e {
         StopError::MaxTokens => ApiError::invalid(
@@ -281,7 +282,7 @@ mod tests {
             "top_k": 3, "min_p": 0.1, "n": 2, "stop": "x", "seed": 9, "presence_penalty": 1,
             "frequency_penalty": -1, "repetition_penalty": 1.2, "logit_bias": {"42": 5},
             "logprobs": true, "top_logprobs": 3, "min_tokens": 2, "ignore_eos": true,
-            "stream": true, "stream_options": {"include_usage": true}, "user": "u",
+            "stop_token_ids": [7, 3, 7], "stream": true, "stream_options": {"include_usage": true}, "user": "u",
             "response_format": {"type": "text"}, "unknown_field": 1
         }))
         .unwrap();
@@ -296,6 +297,7 @@ mod tests {
             (2, 2, Some(9))
         );
         assert_eq!(plan.stop.eos_token_id, Some(2));
+        assert_eq!(plan.stop.stop_token_ids, vec![7, 3], "repeats dropped");
     }
 
     #[test]
@@ -349,6 +351,12 @@ mod tests {
             ),
             (json!({"min_tokens": 9, "max_tokens": 3}), "min_tokens"),
             (json!({"presence_penalty": -3}), "presence_penalty"),
+            (json!({"stop_token_ids": [1, 100]}), "stop_token_ids"),
+            (json!({"echo": true}), "echo"),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": ""}}}),
+                "response_format",
+            ),
         ];
         for (extra, param) in cases {
             let err = chat(extra.clone()).unwrap_err();
