@@ -1,8 +1,11 @@
 //! OpenAI chat messages into the prompt template's: roles, text and image parts (the image
 //! URLs collected in order), with the prompt's text bounded before any of it is copied.
+//! Tool calls and results, which V1.1's template cannot express, become text (see
+//! [`super::tools::prompt`]).
 
 use super::error::ApiError;
 use super::openai::{ContentPart, MessageContent, RequestMessage};
+use super::tools::prompt::{render_calls, render_result};
 use internvl_model::prompt::{ChatMessage, Part, Role};
 
 /// Refuses `bytes` of prompt text past `max`, before any of it is tokenized.
@@ -22,25 +25,40 @@ pub fn convert_messages(
     messages: &[RequestMessage],
     max_prompt_bytes: usize,
 ) -> Result<(Vec<ChatMessage>, Vec<String>), ApiError> {
+    convert_with_block(messages, None, max_prompt_bytes)
+}
+
+/// [`convert_messages`], with `block` (the tools' description) as one more system message
+/// after the request's own, which the template joins with `\n`. It counts toward
+/// `max_prompt_bytes` too.
+pub fn convert_with_block(
+    messages: &[RequestMessage],
+    block: Option<&str>,
+    max_prompt_bytes: usize,
+) -> Result<(Vec<ChatMessage>, Vec<String>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
-    check_prompt_bytes("messages", text_bytes(messages), max_prompt_bytes)?;
+    let bytes = text_bytes(messages).saturating_add(block.map_or(0, str::len));
+    check_prompt_bytes("messages", bytes, max_prompt_bytes)?;
     let mut urls = Vec::new();
-    let mut out = Vec::with_capacity(messages.len());
+    let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
+    // Whether the last message out holds tool results, which consecutive ones join.
+    let mut results_open = false;
     for (i, m) in messages.iter().enumerate() {
         let role = match m.role.as_str() {
             "system" | "developer" => Role::System,
-            "user" => Role::User,
+            "user" | "tool" => Role::User,
             "assistant" => Role::Assistant,
             other => {
                 return Err(ApiError::invalid(
                     &format!("messages[{i}].role"),
-                    format!("role `{other}` is not supported (system, user, assistant)"),
+                    format!("role `{other}` is not supported (system, user, assistant, tool)"),
                 ))
             }
         };
-        let parts = match &m.content {
+        let is_tool = m.role == "tool";
+        let mut parts = match &m.content {
             None if role == Role::Assistant => vec![Part::Text(String::new())],
             None => {
                 return Err(ApiError::invalid(
@@ -52,9 +70,42 @@ pub fn convert_messages(
             Some(MessageContent::Parts(parts)) => parts
                 .iter()
                 .enumerate()
-                .map(|(j, p)| convert_part(i, j, p, role, &mut urls))
+                .map(|(j, p)| convert_part(i, j, p, role == Role::User && !is_tool, &mut urls))
                 .collect::<Result<_, _>>()?,
         };
+        if let Some(calls) = &m.tool_calls {
+            if role != Role::Assistant {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].tool_calls"),
+                    "only assistant messages can have tool_calls",
+                ));
+            }
+            if let Some(j) = calls.iter().position(|c| c.kind != "function") {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].tool_calls[{j}].type"),
+                    "tool call type must be `function`",
+                ));
+            }
+            parts = vec![Part::Text(render_calls(&text_of(&parts), calls))];
+        }
+        if is_tool {
+            let id = m.tool_call_id.as_deref().ok_or_else(|| {
+                ApiError::invalid(
+                    &format!("messages[{i}].tool_call_id"),
+                    "a tool message needs the tool_call_id of the call it answers",
+                )
+            })?;
+            let function = called_function(&messages[..i], id).or(m.name.as_deref());
+            let result = render_result(id, function, &text_of(&parts));
+            if results_open {
+                if let Some(last) = out.last_mut() {
+                    last.parts.push(Part::Text(result));
+                    continue;
+                }
+            }
+            parts = vec![Part::Text(result)];
+        }
+        results_open = is_tool;
         out.push(ChatMessage { role, parts });
     }
     if !out.iter().any(|m| m.role == Role::User) {
@@ -63,22 +114,63 @@ pub fn convert_messages(
             "the conversation needs at least one user message",
         ));
     }
+    if let Some(block) = block {
+        let after_system = out
+            .iter()
+            .rposition(|m| m.role == Role::System)
+            .map_or(0, |i| i + 1);
+        out.insert(after_system, ChatMessage::text(Role::System, block));
+    }
     Ok((out, urls))
+}
+
+/// The text parts of a message, joined by `\n` as the template joins them.
+fn text_of(parts: &[Part]) -> String {
+    let texts: Vec<&str> = parts
+        .iter()
+        .filter_map(|p| match p {
+            Part::Text(t) => Some(t.as_str()),
+            Part::Image => None,
+        })
+        .collect();
+    texts.join("\n")
+}
+
+/// The function of the call `id` made by an earlier assistant message, if one did.
+fn called_function<'a>(earlier: &'a [RequestMessage], id: &str) -> Option<&'a str> {
+    earlier
+        .iter()
+        .rev()
+        .flat_map(|m| m.tool_calls.iter().flatten())
+        .find(|c| c.id == id)
+        .map(|c| c.function.name.as_str())
 }
 
 /// Bytes of text in `messages`, counted before any of it is copied.
 fn text_bytes(messages: &[RequestMessage]) -> usize {
+    let tool_bytes = |m: &RequestMessage| {
+        let calls = m.tool_calls.iter().flatten().map(|c| {
+            c.function
+                .name
+                .len()
+                .saturating_add(c.function.arguments.len())
+        });
+        let id = m.tool_call_id.as_ref().map_or(0, String::len);
+        calls.fold(id, usize::saturating_add)
+    };
     messages
         .iter()
-        .map(|m| match &m.content {
-            None => 0,
-            Some(MessageContent::Text(text)) => text.len(),
-            Some(MessageContent::Parts(parts)) => parts
-                .iter()
-                .filter(|p| p.kind == "text")
-                .filter_map(|p| p.text.as_ref())
-                .map(String::len)
-                .fold(0, usize::saturating_add),
+        .map(|m| {
+            tool_bytes(m).saturating_add(match &m.content {
+                None => 0,
+                Some(MessageContent::Text(text)) => text.len(),
+                Some(MessageContent::Parts(parts)) => parts
+                    .iter()
+                    .filter(|p| p.kind == "text")
+                    .filter_map(|p| p.text.as_ref())
+                    .map(String::len)
+                    .fold(0, usize::saturating_add),
+            })
         })
         .fold(0, usize::saturating_add)
 }
@@ -87,7 +179,7 @@ fn convert_part(
     i: usize,
     j: usize,
     part: &ContentPart,
-    role: Role,
+    images_allowed: bool,
     urls: &mut Vec<String>,
 ) -> Result<Part, ApiError> {
     let param = format!("messages[{i}].content[{j}]");
@@ -97,7 +189,7 @@ fn convert_part(
             .clone()
             .map(Part::Text)
             .ok_or_else(|| ApiError::invalid(&param, "a text part needs `text`")),
-        "image_url" if role != Role::User => Err(ApiError::invalid(
+        "image_url" if !images_allowed => Err(ApiError::invalid(
             &param,
             "only user messages can contain images",
         )),

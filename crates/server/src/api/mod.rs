@@ -12,4 +12,5 @@ pub mod openai;
 pub mod request_id;
 pub mod routes;
 pub mod structured;
+pub mod tools;
 pub mod validate;

@@ -4,9 +4,10 @@
 
 use super::error::{echoed, ApiError};
 use super::fields::check_other_fields;
-use super::messages::convert_messages;
+use super::messages::convert_with_block;
 use super::openai::{ChatCompletionRequest, Stop};
 use super::structured::{constraint, Constrained};
+use super::tools::{answer_grammar, plan_tools, CallFormat};
 use internvl_model::prompt::ChatMessage;
 use internvl_scheduler::{SamplingError, SamplingParams, StopError, StopParams, SubmitError};
 
@@ -41,6 +42,8 @@ pub struct ChatPlan {
     pub include_usage: bool,
     /// The grammar the output must follow, compiled with the prompt's tokenization.
     pub constrained: Option<Constrained>,
+    /// How the output is read into tool calls, when calls were asked for.
+    pub tool_calls: Option<CallFormat>,
 }
 
 impl ChatPlan {
@@ -93,13 +96,9 @@ pub fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
 /// support, images per request, prompt size).
 pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPlan, ApiError> {
     check_other_fields(&req.other)?;
-    if req.tools.is_some() || req.tool_choice.is_some() || req.parallel_tool_calls.is_some() {
-        return Err(ApiError::invalid(
-            "tools",
-            "`tools` is not supported by this server",
-        ));
-    }
-    let (messages, image_urls) = convert_messages(&req.messages, rules.max_prompt_bytes)?;
+    let tools = plan_tools(&req)?;
+    let block = tools.as_ref().map(|t| t.block.as_str());
+    let (messages, image_urls) = convert_with_block(&req.messages, block, rules.max_prompt_bytes)?;
     if image_urls.len() > rules.max_images {
         return Err(ApiError::invalid(
             "messages",
@@ -123,6 +122,7 @@ pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPl
     };
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).map(count);
     let constrained = constraint(&req)?;
+    let (constrained, tool_calls) = answer_grammar(tools, constrained)?;
     let sampling = sampling(&req)?;
     sampling
         .validate(rules.vocab_size)
@@ -156,6 +156,7 @@ pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPl
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
         constrained,
+        tool_calls,
     })
 }
 
@@ -281,8 +282,8 @@ mod tests {
             "max_tokens": 5, "max_completion_tokens": 7, "temperature": 0, "top_p": 0.5,
             "top_k": 3, "min_p": 0.1, "n": 2, "stop": "x", "seed": 9, "presence_penalty": 1,
             "frequency_penalty": -1, "repetition_penalty": 1.2, "logit_bias": {"42": 5},
-            "logprobs": true, "top_logprobs": 3, "min_tokens": 2, "ignore_eos": true,
-            "stop_token_ids": [7, 3, 7], "stream": true, "stream_options": {"include_usage": true}, "user": "u",
+            "logprobs": true, "top_logprobs": 3, "min_tokens": 2, "ignore_eos": true, "stop_token_ids": [7, 3, 7],
+            "stream": true, "stream_options": {"include_usage": true}, "user": "u",
             "response_format": {"type": "text"}, "unknown_field": 1
         }))
         .unwrap();
@@ -398,7 +399,7 @@ mod tests {
                 .as_deref(),
             Some("messages")
         );
-        let bad_role = json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]});
+        let bad_role = json!({"model": "m", "messages": [{"role": "function", "content": "x"}]});
         assert_eq!(
             validate_chat(request(bad_role), &rules(1))
                 .unwrap_err()

@@ -1,11 +1,13 @@
 //! A chat's answer in one JSON body, and what every answer repeats (id, model, logprobs as
 //! OpenAI spells them, usage, finish reasons, the metrics of each finished completion).
+//! An answer asked to be tool calls is read into `tool_calls` (content null).
 
 use super::super::error::ApiError;
 use super::super::openai::{
     ChatCompletion, Choice, ChoiceLogprobs, PromptTokensDetails, ResponseMessage, TokenLogprob,
     TopLogprob, Usage,
 };
+use super::super::tools::calls::CallParser;
 use super::super::validate::ChatPlan;
 use crate::state::{Admission, AppState, ImageReservation};
 use axum::response::{IntoResponse, Response};
@@ -91,6 +93,26 @@ pub(super) fn finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
+/// `"tool_calls"` when an answer of calls is whole, else the engine's reason: `"length"` when
+/// `max_tokens` cut the calls (whose arguments are then incomplete JSON), `"stop"` when a stop
+/// string did.
+pub(super) fn calls_finish_reason(
+    reason: FinishReason,
+    calls: Option<&CallParser>,
+) -> &'static str {
+    match calls {
+        Some(parser) if matches!(reason, FinishReason::Stop) && parser.complete() => "tool_calls",
+        _ => finish_reason(reason),
+    }
+}
+
+/// One call parser per choice when the answer is tool calls.
+pub(super) fn call_parsers(plan: &ChatPlan) -> Vec<Option<CallParser>> {
+    (0..plan.n)
+        .map(|_| plan.tool_calls.clone().map(CallParser::new))
+        .collect()
+}
+
 /// Adds one completion's usage: the prompt is counted once, completions summed.
 pub(super) fn add_usage(total: &mut Usage, usage: &EngineUsage, first: bool) {
     if first {
@@ -115,13 +137,15 @@ pub(super) async fn collect_reply(
             index,
             message: ResponseMessage {
                 role: "assistant",
-                content: String::new(),
+                content: Some(String::new()),
                 refusal: None,
+                tool_calls: None,
             },
             logprobs: wants_logprobs.then(ChoiceLogprobs::default),
             finish_reason: None,
         })
         .collect();
+    let mut parsers = call_parsers(&plan);
     let mut usage = Usage::default();
     let mut done = 0;
     while done < plan.n {
@@ -134,7 +158,7 @@ pub(super) async fn collect_reply(
                 top_logprobs,
             }) => {
                 let choice = &mut choices[index];
-                choice.message.content.push_str(&text);
+                add_text(&mut choice.message, parsers[index].as_mut(), &text);
                 if let (Some(lp), Some(entry)) = (
                     choice.logprobs.as_mut(),
                     reply.logprob(id, logprob, &top_logprobs),
@@ -150,8 +174,9 @@ pub(super) async fn collect_reply(
                 timings,
                 ..
             }) => {
-                choices[index].message.content.push_str(&text);
-                choices[index].finish_reason = Some(finish_reason(reason));
+                add_text(&mut choices[index].message, parsers[index].as_mut(), &text);
+                choices[index].finish_reason =
+                    Some(calls_finish_reason(reason, parsers[index].as_ref()));
                 add_usage(&mut usage, &u, done == 0);
                 reply.record(reason, &u, &timings);
                 done += 1;
@@ -160,6 +185,12 @@ pub(super) async fn collect_reply(
                 return Err(ApiError::internal(format!("generation failed: {message}")))
             }
             None => return Err(ApiError::internal("the engine stopped mid-request")),
+        }
+    }
+    for (choice, parser) in choices.iter_mut().zip(parsers) {
+        if let Some(parser) = parser {
+            choice.message.content = None;
+            choice.message.tool_calls = Some(parser.into_calls());
         }
     }
     Ok(Json(ChatCompletion {
@@ -172,4 +203,15 @@ pub(super) async fn collect_reply(
         system_fingerprint: None,
     })
     .into_response())
+}
+
+/// Adds `text` to a choice's answer: its content, or its calls.
+fn add_text(message: &mut ResponseMessage, calls: Option<&mut CallParser>, text: &str) {
+    match calls {
+        // The deltas are a stream's; the parser keeps the calls.
+        Some(parser) => {
+            parser.feed(text);
+        }
+        None => message.content.get_or_insert_default().push_str(text),
+    }
 }

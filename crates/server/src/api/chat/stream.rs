@@ -1,10 +1,12 @@
 //! A chat's answer streamed as server-sent events: one chunk per event of the engine, the
 //! usage last when asked, and `[DONE]`; a failure mid-stream ends it with an error event.
+//! An answer asked to be tool calls is sent as `tool_calls` deltas instead of content.
 
 use super::super::error::ApiError;
 use super::super::openai::{ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, Usage};
+use super::super::tools::calls::{CallDelta, CallParser};
 use super::super::validate::ChatPlan;
-use super::reply::{add_usage, finish_reason, Held, Reply};
+use super::reply::{add_usage, call_parsers, calls_finish_reason, Held, Reply};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::stream::{self, Stream};
 use internvl_scheduler::{Event, RequestStream};
@@ -22,6 +24,8 @@ struct Streaming {
     usage: Usage,
     pending: VecDeque<SseEvent>,
     finished: bool,
+    /// Each choice's call parser, when the answer is tool calls.
+    parsers: Vec<Option<CallParser>>,
     /// The request's span, entered to report a failure with the request's id.
     span: tracing::Span,
     _held: Held,
@@ -72,6 +76,30 @@ impl Streaming {
         SseEvent::default().data(serde_json::to_string(&chunk).unwrap_or_default())
     }
 
+    /// Queues one chunk per call delta of choice `index`, `logprobs` on the first; with none,
+    /// a chunk with an empty delta when there are `logprobs` or a `finish` to send. `finish`
+    /// comes in a chunk of its own, after the deltas.
+    fn push_calls(
+        &mut self,
+        index: usize,
+        deltas: Vec<CallDelta>,
+        mut logprobs: Option<ChoiceLogprobs>,
+        finish: Option<&'static str>,
+    ) {
+        for call in deltas {
+            let delta = Delta {
+                tool_calls: Some(vec![call.into_wire()]),
+                ..Delta::default()
+            };
+            let chunk = self.chunk(index, delta, logprobs.take(), None);
+            self.pending.push_back(chunk);
+        }
+        if logprobs.is_some() || finish.is_some() {
+            let chunk = self.chunk(index, Delta::default(), logprobs, finish);
+            self.pending.push_back(chunk);
+        }
+    }
+
     /// Turns the next engine event into SSE events; false when the stream is over.
     async fn advance(&mut self) -> bool {
         if self.finished {
@@ -91,10 +119,13 @@ impl Streaming {
                         .map(|entry| ChoiceLogprobs {
                             content: vec![entry],
                         });
-                if !text.is_empty() || logprobs.is_some() {
+                if let Some(parser) = self.parsers[index].as_mut() {
+                    let deltas = parser.feed(&text);
+                    self.push_calls(index, deltas, logprobs, None);
+                } else if !text.is_empty() || logprobs.is_some() {
                     let delta = Delta {
-                        role: None,
                         content: Some(text),
+                        ..Delta::default()
                     };
                     let chunk = self.chunk(index, delta, logprobs, None);
                     self.pending.push_back(chunk);
@@ -108,12 +139,18 @@ impl Streaming {
                 timings,
                 ..
             }) => {
-                let delta = Delta {
-                    role: None,
-                    content: (!text.is_empty()).then_some(text),
-                };
-                let chunk = self.chunk(index, delta, None, Some(finish_reason(reason)));
-                self.pending.push_back(chunk);
+                let finish = calls_finish_reason(reason, self.parsers[index].as_ref());
+                if let Some(parser) = self.parsers[index].as_mut() {
+                    let deltas = parser.feed(&text);
+                    self.push_calls(index, deltas, None, Some(finish));
+                } else {
+                    let delta = Delta {
+                        content: (!text.is_empty()).then_some(text),
+                        ..Delta::default()
+                    };
+                    let chunk = self.chunk(index, delta, None, Some(finish));
+                    self.pending.push_back(chunk);
+                }
                 add_usage(&mut self.usage, &usage, self.done == 0);
                 self.reply.record(reason, &usage, &timings);
                 self.done += 1;
@@ -149,16 +186,24 @@ pub(super) fn stream_reply(
         usage: Usage::default(),
         pending: VecDeque::new(),
         finished: false,
+        parsers: call_parsers(&plan),
         span,
         _held: held,
     };
     for index in 0..plan.n {
+        // A named call is announced at once, with the role.
+        let (content, calls) = match state.parsers[index].as_mut() {
+            Some(parser) => (None, parser.feed("")),
+            None => (Some(String::new()), Vec::new()),
+        };
         let delta = Delta {
             role: Some("assistant"),
-            content: Some(String::new()),
+            content,
+            tool_calls: None,
         };
         let first = state.chunk(index, delta, None, None);
         state.pending.push_back(first);
+        state.push_calls(index, calls, None, None);
     }
     // Dropping this stream (the client went away) drops `events`, which cancels the request.
     let events = stream::unfold(state, |mut state| async move {
