@@ -206,3 +206,96 @@ fn convert_part(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn convert(
+        messages: serde_json::Value,
+        block: Option<&str>,
+    ) -> Result<Vec<ChatMessage>, ApiError> {
+        let messages: Vec<RequestMessage> = serde_json::from_value(messages).unwrap();
+        convert_with_block(&messages, block, 1000).map(|(m, _)| m)
+    }
+
+    #[test]
+    fn tools_history_and_block_become_text() {
+        let out = convert(
+            json!([
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "c2", "name": "get_time", "content": "noon"}
+            ]),
+            Some("BLOCK"),
+        )
+        .unwrap();
+        let expected = [
+            ChatMessage::text(Role::System, "be brief"),
+            ChatMessage::text(Role::System, "BLOCK"),
+            ChatMessage::text(Role::User, "weather?"),
+            ChatMessage::text(
+                Role::Assistant,
+                "[{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}]",
+            ),
+            ChatMessage {
+                role: Role::User,
+                parts: vec![
+                    Part::Text("Result of call c1 (get_weather):\nsunny".into()),
+                    Part::Text("Result of call c2 (get_time):\nnoon".into()),
+                ],
+            },
+        ];
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn tools_history_refusals_name_their_field() {
+        let call =
+            json!([{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]);
+        let cases = [
+            (
+                json!([{"role": "tool", "content": "x"}]),
+                "messages[0].tool_call_id",
+            ),
+            (
+                json!([{"role": "user", "content": "x", "tool_calls": call}]),
+                "messages[0].tool_calls",
+            ),
+            (
+                json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": null,
+                        "tool_calls": [{"id": "c", "type": "other",
+                                        "function": {"name": "f", "arguments": "{}"}}]}]),
+                "messages[1].tool_calls[0].type",
+            ),
+            (
+                json!([{"role": "tool", "tool_call_id": "c", "content": [
+                    {"type": "image_url", "image_url": {"url": "data:x"}}]}]),
+                "messages[0].content[0]",
+            ),
+        ];
+        for (messages, param) in cases {
+            let err = convert(messages.clone(), None).unwrap_err();
+            assert_eq!(
+                err.param.as_deref(),
+                Some(param),
+                "{messages}: {}",
+                err.message
+            );
+        }
+        let too_long = convert(
+            json!([{"role": "user", "content": "x"}]),
+            Some(&"b".repeat(1000)),
+        );
+        assert_eq!(
+            too_long.unwrap_err().param.as_deref(),
+            Some("messages"),
+            "the block counts"
+        );
+    }
+}
