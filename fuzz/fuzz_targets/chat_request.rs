@@ -97,6 +97,7 @@ fuzz_target!(|data: &[u8]| {
         stop,
         skip_special_tokens: true,
         n: plan.n,
+        grammar: None,
     };
     if internvl_scheduler::validate(&engine, vocab_size, &request).is_ok() {
         let total = request.prompt.len().checked_add(request.stop.max_tokens);
