@@ -110,7 +110,7 @@ impl PromptTemplate {
         let system: Vec<String> = messages
             .iter()
             .filter(|m| m.role == Role::System)
-            .map(joined_text)
+            .map(|m| joined_text(&m.parts))
             .collect();
         let system = if system.is_empty() {
             self.system_message.clone()
@@ -130,7 +130,7 @@ impl PromptTemplate {
                 Role::Assistant => (BOT, BOT_SEP),
             };
             let mut body = format!("{}\n", self.image_block()).repeat(images);
-            body.push_str(&joined_text(message));
+            body.push_str(&joined_text(&message.parts));
             num_images += images;
             if body.is_empty() {
                 // Upstream leaves an empty turn open, without separator.
@@ -145,9 +145,9 @@ impl PromptTemplate {
     }
 }
 
-fn joined_text(message: &ChatMessage) -> String {
-    let texts: Vec<&str> = message
-        .parts
+/// The text parts of a message, joined by `\n` as the template joins them (images left out).
+pub fn joined_text(parts: &[Part]) -> String {
+    let texts: Vec<&str> = parts
         .iter()
         .filter_map(|p| match p {
             Part::Text(t) => Some(t.as_str()),

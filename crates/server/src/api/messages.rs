@@ -6,7 +6,7 @@
 use super::error::ApiError;
 use super::openai::{ContentPart, MessageContent, RequestMessage};
 use super::tools::prompt::{render_calls, render_result};
-use internvl_model::prompt::{ChatMessage, Part, Role};
+use internvl_model::prompt::{joined_text, ChatMessage, Part, Role};
 
 /// Refuses `bytes` of prompt text past `max`, before any of it is tokenized.
 pub fn check_prompt_bytes(param: &str, bytes: usize, max: usize) -> Result<(), ApiError> {
@@ -86,7 +86,7 @@ pub fn convert_with_block(
                     "tool call type must be `function`",
                 ));
             }
-            parts = vec![Part::Text(render_calls(&text_of(&parts), calls))];
+            parts = vec![Part::Text(render_calls(&joined_text(&parts), calls))];
         }
         if is_tool {
             let id = m.tool_call_id.as_deref().ok_or_else(|| {
@@ -96,7 +96,7 @@ pub fn convert_with_block(
                 )
             })?;
             let function = called_function(&messages[..i], id).or(m.name.as_deref());
-            let result = render_result(id, function, &text_of(&parts));
+            let result = render_result(id, function, &joined_text(&parts));
             if results_open {
                 if let Some(last) = out.last_mut() {
                     last.parts.push(Part::Text(result));
@@ -122,18 +122,6 @@ pub fn convert_with_block(
         out.insert(after_system, ChatMessage::text(Role::System, block));
     }
     Ok((out, urls))
-}
-
-/// The text parts of a message, joined by `\n` as the template joins them.
-fn text_of(parts: &[Part]) -> String {
-    let texts: Vec<&str> = parts
-        .iter()
-        .filter_map(|p| match p {
-            Part::Text(t) => Some(t.as_str()),
-            Part::Image => None,
-        })
-        .collect();
-    texts.join("\n")
 }
 
 /// The function of the call `id` made by an earlier assistant message, if one did.
