@@ -331,7 +331,8 @@ impl<R: ModelRunner> Scheduler<R> {
     }
 }
 
-/// A grammar back from [`compute_masks`], with the time its mask took (`None` when it failed).
+/// A grammar back from [`compute_masks`], with the time its mask took (`None` when it failed
+/// or was computed already).
 type MaskedGrammar = (SeqId, Grammar, Option<std::time::Duration>);
 
 /// Each grammar's next mask, computed in parallel (rayon's pool).
@@ -339,7 +340,7 @@ fn compute_masks(mut grammars: Vec<(SeqId, Grammar)>) -> Vec<MaskedGrammar> {
     use rayon::prelude::*;
     let results: Vec<Option<std::time::Duration>> = grammars
         .par_iter_mut()
-        .map(|(_, grammar)| grammar.compute_mask().ok())
+        .map(|(_, grammar)| grammar.compute_mask().ok().flatten())
         .collect();
     grammars
         .into_iter()

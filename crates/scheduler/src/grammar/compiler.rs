@@ -99,18 +99,15 @@ impl GrammarCompiler {
         let parser = catch_unwind(AssertUnwindSafe(|| self.factory.create_parser(grammar)))
             .map_err(|_| GrammarError::Invalid("the grammar could not be compiled".into()))?
             .map_err(|e| GrammarError::Invalid(e.to_string()))?;
-        let mut matcher = Matcher::new(Ok(parser));
+        let matcher = Matcher::new(Ok(parser));
         if let Some(error) = matcher.get_error() {
             return Err(GrammarError::Invalid(error));
         }
         // A grammar that allows nothing at all would fail at its first token: refuse it now.
-        match matcher.compute_mask() {
-            Ok(mask) if mask.is_zero() => Err(GrammarError::Invalid(
-                "the grammar allows no output at all".into(),
-            )),
-            Ok(_) => Ok(Grammar::new(matcher, spec.kind(), self.vocab_size)),
-            Err(e) => Err(GrammarError::Invalid(e.to_string())),
-        }
+        // The first mask is kept, so the first step does not compute it again.
+        let mut grammar = Grammar::new(matcher, spec.kind(), self.vocab_size);
+        grammar.compute_mask().map_err(GrammarError::Invalid)?;
+        Ok(grammar)
     }
 }
 

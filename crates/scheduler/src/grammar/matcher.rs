@@ -59,11 +59,11 @@ impl Grammar {
     }
 
     /// Computes the mask of the next token unless it is computed already; returns how long
-    /// that took (zero when it was). An error (the grammar's step fuel ran out, or no token
-    /// can continue it) ends the sequence.
-    pub fn compute_mask(&mut self) -> Result<Duration, String> {
+    /// that took (`None` when it was, so that only real work is timed). An error (the
+    /// grammar's step fuel ran out, or no token can continue it) ends the sequence.
+    pub fn compute_mask(&mut self) -> Result<Option<Duration>, String> {
         if self.mask.is_some() {
-            return Ok(Duration::ZERO);
+            return Ok(None);
         }
         let started = Instant::now();
         let mask = self.matcher.compute_mask().map_err(|e| e.to_string())?;
@@ -71,7 +71,7 @@ impl Grammar {
             return Err("the grammar allows no next token".into());
         }
         self.mask = Some(TokenMask(mask));
-        Ok(started.elapsed())
+        Ok(Some(started.elapsed()))
     }
 
     /// The mask computed for the next token.
