@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# End-to-end test: the official OpenAI Python SDK and a real Prometheus against `internvl serve`.
+# End-to-end test: the official OpenAI Python and Node SDKs and a real Prometheus against
+# `internvl serve`.
 #
 # 1. Installs what it needs when missing: a venv under target/e2e-venv (git-ignored) with the
-#    pinned packages of tests/e2e/requirements.txt, and (by scripts/install-deps.sh, which
+#    pinned packages of tests/e2e/requirements.txt; the Node SDK pinned by
+#    tests/e2e/node/package-lock.json (`npm ci` into tests/e2e/node/node_modules, git-ignored,
+#    again only when the lock file changed); and (by scripts/install-deps.sh, which
 #    scripts/test.sh runs first) Debian's `prometheus` package for the `prometheus` and
-#    `promtool` binaries; the package's own service is kept from starting.
+#    `promtool` binaries; the package's own service is kept from starting. Node and npm must
+#    already be installed (Node 20 or later); without them the Node tests count as failed.
 # 2. Starts the debug server (building it if absent) on a free loopback port, with an API key,
 #    and our own Prometheus on another free loopback port with tests/e2e/prometheus.yml (1s
 #    scrapes) and a temporary storage directory; waits for /health and for a first scrape.
-# 3. Runs pytest on tests/e2e (the SDK tests, then Prometheus queries over what it scraped),
+# 3. Runs pytest on tests/e2e (the SDK tests, structured outputs and tool calls, then
+#    Prometheus queries over what it scraped), then Node's built-in test runner on
+#    tests/e2e/node (the Node SDK: an image chat, a stream, a JSON schema, a tool call, errors),
 #    and `promtool check metrics` on the /metrics body before and after.
-# 4. Prints `e2e: N passed, M failed` and exits non-zero on any failure. Both processes are
+# 4. Prints `e2e: N passed, M failed` (pytest's and Node's tests and the scripted checks; a
+#    skipped test, a crash, a timeout or a failed install each counts as a failure) and exits
+#    non-zero on any failure. Both processes are
 #    stopped on exit, whatever happens. Every wait and network call is bounded in time, and
 #    only 127.0.0.1 is contacted (besides the package registries when installing).
 #
@@ -226,6 +234,57 @@ failed=$((failed + py_failed + py_skipped))
 if [ "$rc" -ne 0 ] && [ "$py_failed" -eq 0 ]; then failed=$((failed + 1)); fi # crash / timeout
 if [ "$py_passed" -eq 0 ]; then failed=$((failed + 1)); fi
 [ "$py_skipped" -eq 0 ] || log "$py_skipped pytest tests were skipped (counted as failed)"
+
+# --- Node: the official OpenAI Node SDK under Node's built-in test runner -----------------------
+NODE_DIR="$ROOT/tests/e2e/node"
+node_install() { # npm ci from the lock file, skipped when node_modules was installed from this one
+    local stamp
+    stamp="$(cat "$NODE_DIR/package.json" "$NODE_DIR/package-lock.json" | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$NODE_DIR/node_modules/.e2e-lock-sha256" 2>/dev/null)" = "$stamp" ]; then
+        return 0
+    fi
+    log "installing the Node packages of tests/e2e/node/package-lock.json (npm ci)"
+    (cd "$NODE_DIR" && timeout 600 npm ci --no-audit --no-fund --loglevel=error) >&2 || return 1
+    echo "$stamp" >"$NODE_DIR/node_modules/.e2e-lock-sha256"
+}
+tap_count() { # file, name: the count of TAP's closing `# name N` line, empty when absent
+    [ -f "$1" ] || return 0
+    sed -n "s/^# $2 \([0-9][0-9]*\)\$/\1/p" "$1" | tail -n 1 || true
+}
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    log "FAIL the Node SDK tests: node and npm are not both installed"
+    failed=$((failed + 1))
+elif ! node_install; then
+    log "FAIL the Node SDK tests: npm ci failed in tests/e2e/node"
+    failed=$((failed + 1))
+else
+    log "running node --test in tests/e2e/node (node $(node --version)," \
+        "openai $(node -p 'require("./tests/e2e/node/node_modules/openai/package.json").version' 2>/dev/null || echo '?'))"
+    rc=0
+    (cd "$NODE_DIR" && E2E_BASE_URL="$BASE/v1" E2E_API_KEY="$API_KEY" E2E_MODEL=demo-internvl \
+        timeout 600 node --test --test-timeout=300000 \
+        --test-reporter=spec --test-reporter-destination=stdout \
+        --test-reporter=tap --test-reporter-destination="$TMP/node.tap" \
+        openai_sdk.test.mjs) || rc=$?
+    node_passed=$(tap_count "$TMP/node.tap" pass)
+    node_failed=0
+    for kind in fail cancelled skipped todo; do
+        n=$(tap_count "$TMP/node.tap" "$kind")
+        node_failed=$((node_failed + ${n:-0}))
+    done
+    if [ -z "$node_passed" ]; then # no summary: it crashed or timed out
+        log "node --test exited $rc without a summary (counted as failed)"
+        node_passed=0
+        node_failed=$((node_failed + 1))
+    elif [ "$rc" -ne 0 ] && [ "$node_failed" -eq 0 ]; then
+        log "node --test exited $rc with no failed test (counted as failed)"
+        node_failed=1
+    fi
+    if [ "$node_passed" -eq 0 ]; then node_failed=$((node_failed + 1)); fi
+    log "node: $node_passed passed, $node_failed failed"
+    passed=$((passed + node_passed))
+    failed=$((failed + node_failed))
+fi
 
 check "promtool check metrics (after the tests)" promtool_metrics after
 server_alive() { kill -0 "$SERVER_PID" 2>/dev/null && [ "$(http_code "$BASE/health")" = 200 ]; }
