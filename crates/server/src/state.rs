@@ -58,6 +58,9 @@ pub struct AppState {
     /// Tokenizations in flight, bounded like `preprocess_slots` and apart from them, so that
     /// long prompts can neither take every blocking thread nor wait behind image decodes.
     tokenize_slots: Arc<Semaphore>,
+    /// Compressed bodies being inflated, bounded like `preprocess_slots`: a bomb costs a
+    /// fifth of a second of CPU per 64 MiB it inflates to.
+    pub inflate_slots: Arc<Semaphore>,
     /// KiB of image memory not reserved by any request.
     image_memory: Arc<Semaphore>,
     /// All of `image_memory`, in KiB.
@@ -118,6 +121,7 @@ impl AppState {
             fetcher,
             preprocess_slots: Arc::new(Semaphore::new(preprocess_workers.max(1))),
             tokenize_slots: Arc::new(Semaphore::new(preprocess_workers.max(1))),
+            inflate_slots: Arc::new(Semaphore::new(preprocess_workers.max(1))),
             image_memory: Arc::new(Semaphore::new(image_memory_kib)),
             image_memory_kib,
             active: AtomicUsize::new(0),

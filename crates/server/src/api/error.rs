@@ -74,6 +74,18 @@ impl ApiError {
         )
     }
 
+    /// 415: a `Content-Encoding` other than those [`super::decompress`] accepts.
+    pub fn unsupported_encoding(given: &str) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "Unsupported `Content-Encoding: {}`: send the body as it is, or compressed with \
+                 gzip or deflate",
+                echoed(given, 40)
+            ),
+        )
+    }
+
     pub fn queue_full() -> Self {
         ApiError {
             retry_after: Some(1),
@@ -125,6 +137,7 @@ impl ApiError {
             StatusCode::BAD_REQUEST
             | StatusCode::REQUEST_TIMEOUT
             | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNSUPPORTED_MEDIA_TYPE
             | StatusCode::METHOD_NOT_ALLOWED => "invalid_request_error",
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::NOT_FOUND => "not_found_error",

@@ -3,6 +3,7 @@
 //! errors, request ids, the middleware layers, and the handlers (`routes`, `chat`).
 
 pub mod chat;
+pub mod decompress;
 pub mod error;
 pub mod extract;
 pub mod fields;

@@ -1,6 +1,7 @@
 //! The router: every route, its middleware, and the small handlers.
 
 use super::chat::chat_completions;
+use super::decompress::decompress;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::messages::{check_prompt_bytes, convert_messages};
@@ -39,14 +40,16 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// The middleware every route gets, innermost first: the body limit; a handler panic as a
-/// plain 500; 413 for a body declared too large, 408 for one past its deadline; the HTTP
-/// counter; CORS where origins are allowed (outside the API key check, since browsers send
-/// no credentials with a preflight); the request id, span and log line (outermost, so that it
+/// plain 500; gzip and deflate bodies inflated (415 for other encodings); 413 for a body
+/// declared too large, 408 for one past its deadline; the HTTP counter; CORS where origins
+/// are allowed (outside the API key check, since browsers send no credentials with a
+/// preflight); the request id, span and log line (outermost, so that it
 /// logs the status actually sent).
 pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
     routes
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(state.clone(), decompress))
         .layer(middleware::from_fn_with_state(state.clone(), body_limits))
         .layer(middleware::from_fn_with_state(state.clone(), count_http))
         .layer(option_layer(cors(&state.limits.allowed_origins)))
