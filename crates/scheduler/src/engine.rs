@@ -3,7 +3,7 @@
 use crate::config::{ConfigError, EngineConfig};
 use crate::detokenizer::TokenDecoder;
 use crate::output::{channel as event_channel, EventSender, RequestStream};
-use crate::request::Request;
+use crate::request::{ErrorCause, Request};
 use crate::runner::ModelRunner;
 use crate::scheduler::Scheduler;
 use crate::stats::EngineStats;
@@ -115,7 +115,7 @@ fn add<R: ModelRunner>(
     events: EventSender,
 ) {
     if let Err(e) = scheduler.add(request, events.clone()) {
-        events.fail(e.to_string());
+        events.fail(e.to_string(), ErrorCause::Engine);
     }
 }
 

@@ -40,7 +40,7 @@ pub use detokenizer::{Detokenizer, TokenDecoder};
 pub use engine::Engine;
 pub use grammar::{Grammar, GrammarCompiler, GrammarError, GrammarLimits, GrammarSpec, VocabToken};
 pub use output::{EventSender, RequestStream};
-pub use request::{Event, ImageInput, Request, RequestTimings, Usage};
+pub use request::{ErrorCause, Event, ImageInput, Request, RequestTimings, Usage};
 pub use runner::{ForwardSeq, ModelRunner, RunnerError};
 pub use sampling::{Sampled, Sampler, SamplingError, SamplingParams, MAX_TOP_LOGPROBS};
 pub use scheduler::Scheduler;

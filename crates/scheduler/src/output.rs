@@ -8,7 +8,7 @@
 //! next step), not paused: a paused request would keep its KV blocks and a running slot, so a
 //! few clients that never read could hold `max_num_seqs` and starve everyone else.
 
-use crate::request::Event;
+use crate::request::{ErrorCause, Event};
 use std::mem::size_of;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -48,7 +48,7 @@ pub fn event_bytes(event: &Event) -> usize {
             Event::Finished { text, timings, .. } => {
                 text.len() + timings.inter_token.len() * size_of::<Duration>()
             }
-            Event::Error { message } => message.len(),
+            Event::Error { message, .. } => message.len(),
         }
 }
 
@@ -87,11 +87,11 @@ impl EventSender {
 
     /// Ends the request with an error event, whatever is buffered (the event is small); true
     /// if this call ended it, false if it had already ended.
-    pub fn fail(&self, message: String) -> bool {
+    pub fn fail(&self, message: String, cause: ErrorCause) -> bool {
         if self.shared.ended.swap(true, Ordering::SeqCst) {
             return false;
         }
-        let event = Event::Error { message };
+        let event = Event::Error { message, cause };
         let bytes = event_bytes(&event);
         self.shared.buffered.fetch_add(bytes, Ordering::SeqCst);
         self.push(event, bytes);
@@ -195,14 +195,18 @@ mod tests {
         let (tx, mut rx) = channel();
         let sibling = tx.clone();
         assert!(!sibling.is_abandoned());
-        assert!(tx.fail("boom".into()));
-        assert!(!sibling.fail("again".into()), "ended once");
+        assert!(tx.fail("boom".into(), ErrorCause::Engine));
+        assert!(
+            !sibling.fail("again".into(), ErrorCause::Grammar),
+            "ended once"
+        );
         assert!(sibling.is_abandoned());
         sibling.send(token("late"), usize::MAX).unwrap();
         assert_eq!(
             rx.try_next(),
             Some(Event::Error {
-                message: "boom".into()
+                message: "boom".into(),
+                cause: ErrorCause::Engine
             })
         );
         assert_eq!(rx.try_next(), None, "nothing follows an error");

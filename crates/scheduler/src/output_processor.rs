@@ -6,7 +6,7 @@
 use crate::detokenizer::{Detokenizer, TokenDecoder};
 use crate::kv_cache_manager::KvCacheManager;
 use crate::policy::{Queues, Scheduled};
-use crate::request::Event;
+use crate::request::{ErrorCause, Event};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::sequence::{Fork, Output, SeqId, Sequence};
 use crate::stats::EngineStats;
@@ -56,8 +56,8 @@ impl OutputProcessor<'_> {
             let logits = rows.next().expect("counted in forward");
             let sampled = match seq.sample(&logits) {
                 Ok(sampled) => sampled,
-                Err(e) => {
-                    seq.output().events.fail(e);
+                Err((message, cause)) => {
+                    seq.output().events.fail(message, cause);
                     self.stats.failed += 1;
                     ended.push((id, None));
                     continue;
@@ -161,11 +161,14 @@ impl OutputProcessor<'_> {
         let limit = self.buffer_limit;
         let events = &seq.output().events;
         if let Err(overflow) = events.send(event, limit) {
-            let ended = events.fail(format!(
-                "the request was cancelled: its client left {} bytes of output unread, more \
+            let ended = events.fail(
+                format!(
+                    "the request was cancelled: its client left {} bytes of output unread, more \
                  than the server's limit of {limit} (max_buffered_output_bytes)",
-                overflow.buffered
-            ));
+                    overflow.buffered
+                ),
+                ErrorCause::Engine,
+            );
             if ended {
                 self.stats.output_overflows += 1;
             }

@@ -97,5 +97,14 @@ pub enum Event {
         timings: RequestTimings,
     },
     /// The request failed; nothing follows.
-    Error { message: String },
+    Error { message: String, cause: ErrorCause },
+}
+
+/// Whose failure a failed request is: the engine's (the model or the runtime failed: a
+/// server error), or its grammar's (llguidance would not go on: one of its limits, met by the
+/// client's own schema, regex or grammar: a client error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCause {
+    Engine,
+    Grammar,
 }

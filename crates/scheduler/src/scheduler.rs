@@ -16,7 +16,7 @@ use crate::kv_cache_manager::KvCacheManager;
 use crate::output::EventSender;
 use crate::output_processor::{Ending, OutputProcessor};
 use crate::policy::{Queues, Scheduled, StepPlan};
-use crate::request::Request;
+use crate::request::{ErrorCause, Request};
 use crate::runner::{contain, ForwardSeq, ModelRunner, RunnerError};
 use crate::sampling::Sampler;
 use crate::sequence::{Fork, Output, SeqId, Sequence};
@@ -317,7 +317,7 @@ impl<R: ModelRunner> Scheduler<R> {
             .running(id)
             .output()
             .events
-            .fail(error.to_string());
+            .fail(error.to_string(), ErrorCause::Engine);
         self.stats.failed += 1;
     }
 
@@ -445,7 +445,7 @@ mod tests {
             "{first:?}"
         );
         match events(&mut streams[1]).last() {
-            Some(Event::Error { message }) => {
+            Some(Event::Error { message, .. }) => {
                 assert!(
                     message.contains("past the maximum model length 64"),
                     "{message}"

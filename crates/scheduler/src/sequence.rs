@@ -9,7 +9,7 @@ use crate::detokenizer::Detokenizer;
 use crate::grammar::Grammar;
 use crate::kv_cache_manager::{KvCacheManager, SeqBlocks};
 use crate::output::EventSender;
-use crate::request::{Event, ImageInput, RequestTimings, Usage};
+use crate::request::{ErrorCause, Event, ImageInput, RequestTimings, Usage};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::seq_image::SeqImage;
 use crate::stop::{FinishReason, StopChecker, StopParams, StopReason, StopStep};
@@ -259,8 +259,9 @@ impl<P, E> Sequence<P, E> {
     }
 
     /// Chooses its next token from the `logits` of its last position; under a grammar, one
-    /// that the grammar allows, which the grammar then consumes. The error says what failed.
-    pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled, String> {
+    /// that the grammar allows, which the grammar then consumes. The error says what failed,
+    /// and whose failure it is: a grammar that will not go on is the client's.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled, (String, ErrorCause)> {
         let (prompt, generated) = self.tokens.split_at(self.prompt_len);
         let banned = self.output.stop.banned_tokens();
         let grammar = match &mut self.output.grammar {
@@ -269,19 +270,21 @@ impl<P, E> Sequence<P, E> {
                     .output
                     .sampler
                     .sample(logits, prompt, generated, banned, None)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| (e.to_string(), ErrorCause::Engine))
             }
-            Constraint::Lent => return Err("the grammar failed".into()),
+            // Its mask thread failed: ours.
+            Constraint::Lent => return Err(("the grammar was lost".into(), ErrorCause::Engine)),
             Constraint::Grammar(grammar) => grammar,
         };
+        let refused = |e: String| (e, ErrorCause::Grammar);
         // Computed in parallel before the forward, unless it was not among that step's.
-        grammar.compute_mask()?;
+        grammar.compute_mask().map_err(refused)?;
         let sampled = self
             .output
             .sampler
             .sample(logits, prompt, generated, banned, grammar.mask())
-            .map_err(|e| e.to_string())?;
-        grammar.consume(sampled.token)?;
+            .map_err(|e| (e.to_string(), ErrorCause::Engine))?;
+        grammar.consume(sampled.token).map_err(refused)?;
         Ok(sampled)
     }
 

@@ -227,7 +227,7 @@ fn collect(rx: &mut RequestStream) -> Outcome {
                 outcome.reason = Some(reason);
                 outcome.usage = usage;
             }
-            Event::Error { message } => outcome.error = Some(message),
+            Event::Error { message, .. } => outcome.error = Some(message),
         }
     }
     outcome
@@ -555,7 +555,7 @@ fn n_completions_share_the_prompt() {
                 finished[index] = true;
                 assert_eq!(usage.prompt_tokens, 100);
             }
-            Event::Error { message } => panic!("{message}"),
+            Event::Error { message, .. } => panic!("{message}"),
         }
     }
     assert_eq!(finished, [true; 4]);

@@ -145,7 +145,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 writeln!(stdout, "{text}")?;
                 break timings;
             }
-            Some(Event::Error { message }) => bail!(message),
+            Some(Event::Error { message, .. }) => bail!(message),
             None => bail!("the engine stopped"),
         }
     };

@@ -117,7 +117,7 @@ fn tokens(rx: &mut RequestStream) -> Vec<u32> {
         match event {
             Event::Token { id, .. } => out.push(id),
             Event::Finished { .. } => return out,
-            Event::Error { message } => panic!("request failed: {message}"),
+            Event::Error { message, .. } => panic!("request failed: {message}"),
         }
     }
     panic!("request did not finish");

@@ -712,7 +712,7 @@ fn read(mut stream: internvl_scheduler::RequestStream, n: usize) -> Vec<Answer> 
                 answers[index].reason = reason;
                 finished += 1;
             }
-            Event::Error { message } => panic!("a request failed: {message}"),
+            Event::Error { message, .. } => panic!("a request failed: {message}"),
         }
     }
     answers

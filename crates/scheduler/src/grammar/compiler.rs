@@ -1,6 +1,6 @@
 //! Compiling a request's [`GrammarSpec`] into a [`Grammar`], with bounded work.
 
-use super::matcher::Grammar;
+use super::matcher::{plain, Grammar};
 use super::spec::GrammarSpec;
 use super::vocab::{token_env, VocabToken};
 use llguidance::api::ParserLimits;
@@ -97,11 +97,11 @@ impl GrammarCompiler {
         // llguidance returns errors for bad grammars; a panic would be its bug, and must still
         // cost only this request.
         let parser = catch_unwind(AssertUnwindSafe(|| self.factory.create_parser(grammar)))
-            .map_err(|_| GrammarError::Invalid("the grammar could not be compiled".into()))?
-            .map_err(|e| GrammarError::Invalid(e.to_string()))?;
+            .map_err(|_| GrammarError::Invalid(TOO_LARGE.into()))?
+            .map_err(|e| invalid(e.to_string()))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(error) = matcher.get_error() {
-            return Err(GrammarError::Invalid(error));
+            return Err(invalid(error));
         }
         // A grammar that allows nothing at all would fail at its first token: refuse it now.
         // The first mask is kept, so the first step does not compute it again.
@@ -109,6 +109,13 @@ impl GrammarCompiler {
         grammar.compute_mask().map_err(GrammarError::Invalid)?;
         Ok(grammar)
     }
+}
+
+/// What a client is told of a grammar that broke one of llguidance's own assertions.
+const TOO_LARGE: &str = "the grammar is too large or complex to compile";
+
+fn invalid(message: String) -> GrammarError {
+    GrammarError::Invalid(plain(message).unwrap_or_else(|| TOO_LARGE.into()))
 }
 
 #[cfg(test)]

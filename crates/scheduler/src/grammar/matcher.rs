@@ -66,7 +66,7 @@ impl Grammar {
             return Ok(None);
         }
         let started = Instant::now();
-        let mask = self.matcher.compute_mask().map_err(|e| e.to_string())?;
+        let mask = self.matcher.compute_mask().map_err(while_generating)?;
         if mask.is_zero() {
             return Err("the grammar allows no next token".into());
         }
@@ -82,12 +82,38 @@ impl Grammar {
     /// Advances past a sampled token (one the mask allowed).
     pub fn consume(&mut self, token: u32) -> Result<(), String> {
         self.mask = None;
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+        self.matcher.consume_token(token).map_err(while_generating)
     }
 
     /// Whether the grammar is complete and nothing may follow: the output is over.
     pub fn is_finished(&self) -> bool {
         self.matcher.is_stopped()
+    }
+}
+
+/// llguidance's error in plain words for a client: its message without the marker it appends
+/// when verbose errors are off, nor its "Parser Error" heading; `None` for a panic it caught,
+/// whose message is an assertion and a backtrace (its internals, not the client's mistake).
+pub(super) fn plain(message: String) -> Option<String> {
+    if message.starts_with("panic") || message.contains("<backtrace>") {
+        return None;
+    }
+    let message = message.replace("<non-verbose/>", "");
+    let message = message.trim();
+    Some(
+        message
+            .strip_prefix("Parser Error: ")
+            .unwrap_or(message)
+            .to_string(),
+    )
+}
+
+/// A grammar's failure after compilation, for its client: the step fuel ran out, or a rule
+/// outgrew one of llguidance's limits.
+fn while_generating(error: impl std::fmt::Display) -> String {
+    match plain(error.to_string()) {
+        Some(message) => format!("the grammar failed while generating: {message}"),
+        None => "the grammar failed while generating: it is too large or complex".into(),
     }
 }
 
@@ -114,5 +140,30 @@ impl TokenMask {
     /// Whether `token` is allowed.
     pub fn allows(&self, token: u32) -> bool {
         self.0.is_allowed(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llguidance_errors_reach_clients_in_plain_words() {
+        assert_eq!(
+            plain("Parser Error: Current row has 2501 items; max is 2000\n<non-verbose/>".into()),
+            Some("Current row has 2501 items; max is 2000".into())
+        );
+        assert_eq!(
+            plain("unknown name: foo".into()),
+            Some("unknown name: foo".into())
+        );
+        assert_eq!(
+            plain("panic: assertion failed: x\n<backtrace>\n 0: f".into()),
+            None
+        );
+        assert_eq!(
+            while_generating("panic: assertion failed"),
+            "the grammar failed while generating: it is too large or complex"
+        );
     }
 }

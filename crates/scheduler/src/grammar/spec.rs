@@ -46,12 +46,12 @@ impl GrammarSpec {
                 if choices.is_empty() {
                     return Err("the list of choices is empty".into());
                 }
-                // Lark string literals take JSON's escapes.
-                let alternatives: Vec<String> = choices
-                    .iter()
-                    .map(|c| serde_json::to_string(c).expect("a string serializes"))
-                    .collect();
-                TopLevelGrammar::from_lark(format!("start: {}", alternatives.join(" | ")))
+                // One regex of alternatives, not one grammar rule per choice: llguidance's
+                // lexer takes a regex's alternatives as one token class, where thousands of
+                // rules (a classifier's labels) each cost it every step.
+                let alternatives: Vec<String> =
+                    choices.iter().map(|c| regex_syntax::escape(c)).collect();
+                TopLevelGrammar::from_regex(&format!("(?:{})", alternatives.join("|")))
             }
             Self::Lark(grammar) => TopLevelGrammar::from_lark(grammar.clone()),
         })

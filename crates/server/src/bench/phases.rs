@@ -133,7 +133,7 @@ impl Bench<'_> {
                                     preemptions: timings.preemptions,
                                 })
                             }
-                            Event::Error { message } => bail!(message),
+                            Event::Error { message, .. } => bail!(message),
                         }
                     }
                     bail!("the engine stopped")

@@ -45,6 +45,7 @@ pub async fn chat_completions(
     let admission = state.admit()?;
     let messages = std::mem::take(&mut plan.messages);
     let constrained = plan.constrained.take();
+    let constraint = constrained.as_ref().map(|c| c.param);
     // The grammar is compiled beside the tokenization, off the async workers and the engine's
     // step thread; its work is bounded by llguidance's fuel (see `GrammarLimits`).
     let (prompt, grammar) = state
@@ -87,6 +88,7 @@ pub async fn chat_completions(
         tokenizer: ready.loaded.tokenizer.clone(),
         state: state.clone(),
         num_images,
+        constraint,
     };
     let held = Held::new(admission, reservation);
     if plan.stream {

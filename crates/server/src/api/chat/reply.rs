@@ -13,7 +13,7 @@ use crate::state::{Admission, AppState, ImageReservation};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use internvl_model::tokenizer::Tokenizer;
-use internvl_scheduler::{Event, FinishReason, RequestStream, Usage as EngineUsage};
+use internvl_scheduler::{ErrorCause, Event, FinishReason, RequestStream, Usage as EngineUsage};
 use std::sync::Arc;
 
 /// What a request holds until its answer is complete: its place among the admitted requests
@@ -40,9 +40,23 @@ pub(super) struct Reply {
     pub(super) tokenizer: Arc<Tokenizer>,
     pub(super) state: Arc<AppState>,
     pub(super) num_images: usize,
+    /// The field that constrains the answer, if one does: the `param` of the 400 a grammar
+    /// that fails while generating ends the request with.
+    pub(super) constraint: Option<&'static str>,
 }
 
 impl Reply {
+    /// The error a failed generation ends the request with: the client's when its grammar
+    /// would not go on, ours (a 500, the detail logged) otherwise.
+    pub(super) fn failure(&self, message: String, cause: ErrorCause) -> ApiError {
+        match (cause, self.constraint) {
+            (ErrorCause::Grammar, Some(param)) => {
+                ApiError::invalid(param, format!("Invalid {param}: {message}"))
+            }
+            _ => ApiError::internal(format!("generation failed: {message}")),
+        }
+    }
+
     pub(super) fn logprob(
         &self,
         id: u32,
@@ -181,9 +195,7 @@ pub(super) async fn collect_reply(
                 reply.record(reason, &u, &timings);
                 done += 1;
             }
-            Some(Event::Error { message }) => {
-                return Err(ApiError::internal(format!("generation failed: {message}")))
-            }
+            Some(Event::Error { message, cause }) => return Err(reply.failure(message, cause)),
             None => return Err(ApiError::internal("the engine stopped mid-request")),
         }
     }

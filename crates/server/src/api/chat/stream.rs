@@ -48,14 +48,10 @@ impl Streaming {
         self.event(vec![choice], self.include_usage.then_some(None))
     }
 
-    /// Ends the stream with a 500 error event for `detail` (logged with the request's id, not
-    /// sent: the client is told in plain words), then `[DONE]` as vLLM does, so clients that
-    /// read until `[DONE]` stop too (the OpenAI SDK raises on the error).
-    fn fail(&mut self, detail: String) {
-        let error = {
-            let _entered = self.span.enter();
-            ApiError::internal(detail)
-        };
+    /// Ends the stream with `error` as its last event (a 500's detail is logged with the
+    /// request's id, not sent: the client is told in plain words), then `[DONE]` as vLLM
+    /// does, so clients that read until `[DONE]` stop too (the OpenAI SDK raises on the error).
+    fn fail(&mut self, error: ApiError) {
         self.pending
             .push_back(SseEvent::default().data(error.body().to_string()));
         self.pending.push_back(SseEvent::default().data("[DONE]"));
@@ -163,8 +159,20 @@ impl Streaming {
                     self.finished = true;
                 }
             }
-            Some(Event::Error { message }) => self.fail(format!("generation failed: {message}")),
-            None => self.fail("the engine stopped mid-request".to_string()),
+            Some(Event::Error { message, cause }) => {
+                let error = {
+                    let _entered = self.span.enter();
+                    self.reply.failure(message, cause)
+                };
+                self.fail(error)
+            }
+            None => {
+                let error = {
+                    let _entered = self.span.enter();
+                    ApiError::internal("the engine stopped mid-request")
+                };
+                self.fail(error)
+            }
         }
         true
     }
