@@ -209,6 +209,99 @@ mod tests {
         assert!(matches!(err, GrammarError::Invalid(_)), "{err:?}");
     }
 
+    /// Whether the grammar takes `prefix` (byte by byte) and then allows `next`.
+    fn allows_after(
+        c: &GrammarCompiler,
+        schema: serde_json::Value,
+        prefix: &str,
+        next: &str,
+    ) -> bool {
+        let tokens = vocab();
+        let mut g = c.compile(&GrammarSpec::JsonSchema(schema)).unwrap();
+        for b in prefix.bytes() {
+            g.compute_mask().unwrap();
+            let id = id_of(&tokens, &[b]);
+            assert!(
+                g.mask().unwrap().allows(id),
+                "{prefix:?} at {:?}",
+                b as char
+            );
+            g.consume(id).unwrap();
+        }
+        g.compute_mask().unwrap();
+        g.mask().unwrap().allows(id_of(&tokens, next.as_bytes()))
+    }
+
+    #[test]
+    fn calendar_formats_are_those_of_rfc_3339() {
+        let c = compiler(vocab().len());
+        let format = |f: &str| serde_json::json!({"type": "string", "format": f});
+        // No leap second off 23:59 UTC, nor anywhere: a validator takes only 23:59:60Z.
+        assert!(!allows_after(&c, format("time"), "\"14:45:", "6"));
+        assert!(allows_after(&c, format("time"), "\"14:45:", "5"));
+        assert!(!allows_after(
+            &c,
+            format("date-time"),
+            "\"2024-01-01T23:59:",
+            "6"
+        ));
+        // 29 February only in leap years.
+        assert!(!allows_after(&c, format("date"), "\"2023-02-2", "9"));
+        assert!(allows_after(&c, format("date"), "\"2024-02-2", "9"));
+        assert!(allows_after(&c, format("date"), "\"2000-02-2", "9"));
+        assert!(!allows_after(&c, format("date"), "\"1900-02-2", "9"));
+        assert!(!allows_after(&c, format("date-time"), "\"2023-02-2", "9"));
+        assert!(allows_after(&c, format("date"), "\"2023-03-2", "9"));
+        // Within a schema's own pattern and nested, and never in values.
+        let nested = serde_json::json!({"type": "object", "properties": {"at": {
+            "type": "string", "format": "time", "pattern": "^1"}},
+            "required": ["at"], "additionalProperties": false});
+        assert!(!allows_after(&c, nested.clone(), "{\"at\": \"14:45:", "6"));
+        assert!(
+            !allows_after(&c, nested, "{\"at\": \"", "2"),
+            "its own pattern holds"
+        );
+    }
+
+    #[test]
+    fn open_numbers_are_held_to_the_i_json_range() {
+        use serde_json::json;
+        let held = |schema: serde_json::Value| {
+            let mut schema = schema;
+            super::super::spec::interoperable(&mut schema);
+            schema
+        };
+        let max = (1i64 << 53) - 1;
+        assert_eq!(
+            held(json!({"type": "number"})),
+            json!({"type": "number", "minimum": -max, "maximum": max})
+        );
+        assert_eq!(
+            held(json!({"type": "integer", "minimum": 0})),
+            json!({"type": "integer", "minimum": 0, "maximum": max})
+        );
+        assert_eq!(
+            held(json!({"type": ["string", "number"], "exclusiveMaximum": 5})),
+            json!({"type": ["string", "number"], "exclusiveMaximum": 5, "minimum": -max})
+        );
+        // A bound of the schema's own past the range stays alone.
+        assert_eq!(
+            held(json!({"type": "number", "minimum": 1e20})),
+            json!({"type": "number", "minimum": 1e20})
+        );
+        // Values are data.
+        let values = json!({"const": {"type": "number", "format": "time"},
+                            "enum": [{"type": "integer"}]});
+        assert_eq!(held(values.clone()), values);
+
+        let c = compiler(vocab().len());
+        let number = json!({"type": "number"});
+        assert!(!allows_after(&c, number.clone(), "12", "e"), "no exponents");
+        assert!(allows_after(&c, number.clone(), "12", "."));
+        assert!(allows_after(&c, number.clone(), "900719925474099", "1"));
+        assert!(!allows_after(&c, number, "9007199254740991", "0"));
+    }
+
     #[test]
     fn json_is_compact_with_a_space_after_colons_and_commas() {
         let tokens = vocab();
