@@ -18,7 +18,13 @@
 #      text tokens, ViT ms per image at batch 1 and 8, peak GPU memory;
 #   4. the same with transformers' InternVL (scripts/bench/transformers_gpu_bench.py: random
 #      init, same config, bf16, SDPA) in the same call;
-#   5. the table: each row ours vs transformers, the speed-up, and the issue's targets.
+#   5. structured outputs: internvl bench again at GPU_CHECK_STRUCTURED_LEVEL chats (default
+#      64) with every chat held to scripts/bench/ocr_layout.schema.json (a page layout that
+#      cannot complete within the generated tokens, so both runs do the same work), against
+#      the free run of step 3 at that level: the throughput ratio (target: within 5 %) and
+#      the grammar masks' time per token (p50, p99);
+#   6. the table: each row ours vs transformers, the speed-up, and the issue's targets, then
+#      the structured-outputs rows.
 #
 # Decode rows: each chat is one 448x448 image (256 visual tokens) + GPU_CHECK_DECODE_TEXT text
 # tokens (default 200; 256 + 200 = 456 prompt tokens) and GPU_CHECK_DECODE_TOKENS generated
@@ -38,7 +44,9 @@
 #   GPU_CHECK_LEVELS (1,8,32,64)  GPU_CHECK_DECODE_TEXT (200)  GPU_CHECK_DECODE_TOKENS (256)
 #   GPU_CHECK_TTFT_TEXT (64)  GPU_CHECK_TTFT_RUNS (5)  GPU_CHECK_VIT_BATCH (1,8)
 #   GPU_CHECK_VIT_RUNS (5)  GPU_CHECK_BENCH_ARGS (extra `internvl bench` flags)
-#   GPU_CHECK_STEPS     steps to run (default "info correctness kernels ours transformers")
+#   GPU_CHECK_STRUCTURED_LEVEL (64)
+#   GPU_CHECK_STEPS     steps to run (default "info correctness kernels ours transformers
+#                       structured")
 #   GPU_CHECK_DEADLINE  seconds the whole script may take (default 570); each step's timeout is
 #                       cut to what is left
 #   INTERNVL_BIN        the binary (default target/cuda/internvl-cuda-sm${CUDA_COMPUTE_CAP:-90},
@@ -59,7 +67,8 @@ ttft_text="${GPU_CHECK_TTFT_TEXT:-64}"
 ttft_runs="${GPU_CHECK_TTFT_RUNS:-5}"
 vit_batch="${GPU_CHECK_VIT_BATCH:-1,8}"
 vit_runs="${GPU_CHECK_VIT_RUNS:-5}"
-steps=" ${GPU_CHECK_STEPS:-info correctness kernels ours transformers} "
+structured_level="${GPU_CHECK_STRUCTURED_LEVEL:-64}"
+steps=" ${GPU_CHECK_STEPS:-info correctness kernels ours transformers structured} "
 deadline="${GPU_CHECK_DEADLINE:-570}"
 read -r -a bench_extra <<<"${GPU_CHECK_BENCH_ARGS:-}"
 if [ "$device" = cpu ]; then
@@ -209,14 +218,19 @@ if want kernels; then
     fi
 fi
 
-if want ours; then
-    echo "== 3. internvl bench, $config with random weights, $device $bench_dtype ($SECONDS s)"
+# The model the benchmarks run: the config with random weights where the binary can.
+model_args=()
+if want ours || want structured; then
     if "$bin" bench --help 2>/dev/null | grep -q -- --random-weights; then
         model_args=(--random-weights "$config" --model "$tokenizer")
     else
         echo "this binary has no --random-weights: benchmarking the checkpoint in $(dirname "$config")"
         model_args=(--model "$(dirname "$config")")
     fi
+fi
+
+if want ours; then
+    echo "== 3. internvl bench, $config with random weights, $device $bench_dtype ($SECONDS s)"
     rm -f "$out/internvl.json"
     run "internvl bench" 240 "$out/internvl-bench.log" "$bin" bench "${model_args[@]}" \
         --device "$device" --dtype "$bench_dtype" "${images[@]}" \
@@ -235,9 +249,21 @@ if want transformers; then
         --vit-batch "$vit_batch" --vit-runs "$vit_runs" --json "$out/transformers.json"
 fi
 
-echo "== 5. summary ($SECONDS s)"
+if want structured; then
+    echo "== 5. internvl bench, $structured_level chats under a JSON schema ($SECONDS s)"
+    rm -f "$out/internvl-structured.json"
+    run "internvl bench --json-schema" 150 "$out/internvl-structured-bench.log" "$bin" bench \
+        "${model_args[@]}" \
+        --device "$device" --dtype "$bench_dtype" "${images[@]}" \
+        --concurrency "$structured_level" --prompt-tokens "$decode_text" \
+        --max-tokens "$decode_tokens" --json-schema scripts/bench/ocr_layout.schema.json \
+        --json "$out/internvl-structured.json" "${bench_extra[@]}"
+fi
+
+echo "== 6. summary ($SECONDS s)"
 printf '%s\n' "${summary[@]}"
-python3 - "$out/internvl.json" "$out/transformers.json" "$device" <<'EOF' | tee "$out/summary.md"
+python3 - "$out/internvl.json" "$out/transformers.json" "$device" "$out/internvl-structured.json" \
+    <<'EOF' | tee "$out/summary.md"
 import json, sys
 
 def load(path):
@@ -298,6 +324,25 @@ for r, name in ((ours, "internvl"), (theirs, "transformers")):
     errors = [x for x in (r.get("levels") or []) + (r.get("vit") or []) + [r.get("ttft") or {}] if x.get("error")]
     for x in errors:
         print(f"{name} error: {x['error'][:300]}")
+
+structured = load(sys.argv[4])
+for s in structured.get("levels") or []:
+    c = s.get("concurrency")
+    free = level(ours, c)
+    print(f"\nstructured outputs, {c} chats, every chat under {structured.get('json_schema')}:")
+    print("| measurement | free | constrained | constrained / free | within 5 % |")
+    print("| --- | ---: | ---: | ---: | :---: |")
+    for key, label in (("decode_tok_s", "decode tok/s"), ("aggregate_tok_s", "aggregate tok/s")):
+        a, b = free.get(key), s.get(key)
+        ratio = b / a if a and b else None
+        ok = "-" if ratio is None else ("yes" if ratio >= 0.95 else "NO")
+        print(f"| {label} | {fmt(a)} | {fmt(b)} | {'-' if ratio is None else f'{ratio:.3f}'} | {ok} |")
+    print(f"output tokens: free {free.get('output_tokens')}, constrained {s.get('output_tokens')}; "
+          f"mask p50 / p99 / mean: {fmt(s.get('grammar_mask_p50_us'))} / "
+          f"{fmt(s.get('grammar_mask_p99_us'))} / {fmt(s.get('grammar_mask_mean_us'))} us "
+          f"over {s.get('grammar_masks')} masks")
+    if s.get("error"):
+        print(f"structured error: {s['error'][:300]}")
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "summary table"
 echo "results: $out/internvl.json, $out/transformers.json, $out/summary.md, logs in $out"
