@@ -307,3 +307,48 @@ async fn a_history_of_calls_and_results_is_rendered() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["param"], "messages[0].tool_call_id");
 }
+
+/// `/tokenize` with `tools` counts the prompt a chat with those tools has: the functions'
+/// system block included, under the same rules (`tool_choice` needed, as in a chat).
+#[tokio::test]
+async fn tokenize_counts_the_tools_block_as_a_chat_does() {
+    let s = start().await;
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let body = chat(json!({"tool_choice": named}));
+    let (status, reply) = post(&s, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{reply}");
+    let prompt_tokens = reply["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    let tokenize = |extra: Value| {
+        let mut req = json!({"model": MODEL, "messages": body["messages"]});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        req
+    };
+    let (status, counted) = post(
+        &s,
+        "/tokenize",
+        tokenize(json!({"tools": body["tools"], "tool_choice": named})),
+    )
+    .await;
+    assert_eq!(status, 200, "{counted}");
+    assert_eq!(counted["count"].as_u64().unwrap(), prompt_tokens);
+    let (_, plain) = post(&s, "/tokenize", tokenize(json!({}))).await;
+    assert!(
+        plain["count"].as_u64().unwrap() + 50 < prompt_tokens,
+        "the block is counted: {plain} vs {prompt_tokens}"
+    );
+
+    let (status, refused) = post(&s, "/tokenize", tokenize(json!({"tools": body["tools"]}))).await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["param"], "tool_choice", "{refused}");
+    let (status, refused) = post(
+        &s,
+        "/tokenize",
+        json!({"model": MODEL, "prompt": "hi", "tools": body["tools"], "tool_choice": named}),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["param"], "tools", "{refused}");
+}

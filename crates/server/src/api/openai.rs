@@ -353,6 +353,10 @@ pub struct TokenizeRequest {
     pub model: Option<String>,
     pub messages: Option<Vec<RequestMessage>>,
     pub prompt: Option<String>,
+    /// With `messages`: the tools' system block is counted as a chat would have it.
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]

@@ -4,10 +4,11 @@ use super::chat::chat_completions;
 use super::decompress::decompress;
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::messages::{check_prompt_bytes, convert_messages};
+use super::messages::{check_prompt_bytes, convert_with_block};
 use super::middleware::{authenticate, body_limits, count_http};
 use super::openai::{ModelCard, ModelList, TokenizeRequest, TokenizeResponse};
 use super::request_id::request_id;
+use super::tools::{plan_tools, ToolFields};
 use super::validate::check_model;
 use crate::settings::AllowedOrigins;
 use crate::state::AppState;
@@ -134,7 +135,8 @@ fn model_card(state: &AppState) -> Result<ModelCard, ApiError> {
     })
 }
 
-/// vLLM's `/tokenize`: the prompt ids of a chat (images as their placeholders) or of a text,
+/// vLLM's `/tokenize`: the prompt ids of a chat (images as their placeholders, the tools'
+/// system block as a chat with those `tools` and `tool_choice` has it) or of a text,
 /// tokenized on the blocking pool under the same size cap as chats.
 async fn tokenize(
     State(state): State<Arc<AppState>>,
@@ -145,9 +147,15 @@ async fn tokenize(
         check_model(model, &state.model_name)?;
     }
     let max_bytes = state.limits.max_prompt_bytes;
+    let tools = plan_tools(ToolFields {
+        tools: req.tools.as_deref(),
+        tool_choice: req.tool_choice.as_ref(),
+        parallel_tool_calls: req.parallel_tool_calls,
+    })?;
     let tokens = match (req.messages, req.prompt) {
         (Some(messages), None) => {
-            let (messages, _) = convert_messages(&messages, max_bytes)?;
+            let block = tools.as_ref().map(|t| t.block.as_str());
+            let (messages, _) = convert_with_block(&messages, block, max_bytes)?;
             state
                 .tokenize(move |ready| {
                     ready
@@ -157,6 +165,12 @@ async fn tokenize(
                         .map_err(|e| ApiError::invalid("messages", e.to_string()))
                 })
                 .await?
+        }
+        (None, Some(_)) if tools.is_some() => {
+            return Err(ApiError::invalid(
+                "tools",
+                "tools describe a chat: give them with `messages`, not `prompt`",
+            ))
         }
         (None, Some(prompt)) => {
             check_prompt_bytes("prompt", prompt.len(), max_bytes)?;

@@ -62,9 +62,28 @@ pub fn answer_grammar(
     }
 }
 
-/// Checks the tool fields of `req` and plans the answer; `None` when it has no `tools`.
-pub fn plan_tools(req: &ChatCompletionRequest) -> Result<Option<ToolPlan>, ApiError> {
-    let Some(tools) = &req.tools else {
+/// A request's tool fields: a chat's, or a `/tokenize` chat's (which counts the tokens the
+/// same chat would have).
+#[derive(Clone, Copy, Default)]
+pub struct ToolFields<'a> {
+    pub tools: Option<&'a [Tool]>,
+    pub tool_choice: Option<&'a ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
+}
+
+impl<'a> From<&'a ChatCompletionRequest> for ToolFields<'a> {
+    fn from(req: &'a ChatCompletionRequest) -> Self {
+        ToolFields {
+            tools: req.tools.as_deref(),
+            tool_choice: req.tool_choice.as_ref(),
+            parallel_tool_calls: req.parallel_tool_calls,
+        }
+    }
+}
+
+/// Checks the tool fields and plans the answer; `None` when there are no `tools`.
+pub fn plan_tools(req: ToolFields) -> Result<Option<ToolPlan>, ApiError> {
+    let Some(tools) = req.tools else {
         if req.tool_choice.is_some() {
             return Err(ApiError::invalid(
                 "tool_choice",
@@ -81,7 +100,7 @@ pub fn plan_tools(req: &ChatCompletionRequest) -> Result<Option<ToolPlan>, ApiEr
     };
     check_tools(tools)?;
     let parallel = req.parallel_tool_calls.unwrap_or(true);
-    let (instruction, calls) = match &req.tool_choice {
+    let (instruction, calls) = match req.tool_choice {
         None => return Err(auto("tools without tool_choice mean \"auto\"")),
         Some(ToolChoice::Mode(mode)) => match mode.as_str() {
             "auto" => return Err(auto("tool_choice \"auto\" is not supported")),
@@ -301,7 +320,7 @@ mod tests {
     }
 
     fn plan(extra: Value) -> Result<Option<ToolPlan>, ApiError> {
-        plan_tools(&request(extra))
+        plan_tools((&request(extra)).into())
     }
 
     fn grammar(plan: &ToolPlan) -> (&Value, &CallFormat) {

@@ -96,7 +96,7 @@ pub fn check_model(requested: &str, served: &str) -> Result<(), ApiError> {
 /// support, images per request, prompt size).
 pub fn validate_chat(req: ChatCompletionRequest, rules: &Rules) -> Result<ChatPlan, ApiError> {
     check_other_fields(&req.other)?;
-    let tools = plan_tools(&req)?;
+    let tools = plan_tools((&req).into())?;
     let block = tools.as_ref().map(|t| t.block.as_str());
     let (messages, image_urls) = convert_with_block(&req.messages, block, rules.max_prompt_bytes)?;
     if image_urls.len() > rules.max_images {
