@@ -8,7 +8,8 @@
 
 use crate::attention_backend::{AttentionBackend, AttentionChoice};
 use crate::cpu_ops::Elementwise;
-use crate::linear::LinearKind;
+use crate::linear::{DenseLayout, LinearKind};
+use crate::quant::{Quantization, WeightQuant};
 use candle_core::{DType, Device};
 
 /// Why a device, dtype and attention choice do not go together.
@@ -26,7 +27,8 @@ pub struct Backends {
     device: Device,
     dtype: DType,
     attention: AttentionBackend,
-    linear: LinearKind,
+    layout: DenseLayout,
+    quantization: Quantization,
     elementwise: Elementwise,
 }
 
@@ -58,11 +60,12 @@ impl Backends {
             device: device.clone(),
             dtype,
             attention,
-            linear: if cpu {
-                LinearKind::InOut
+            layout: if cpu {
+                DenseLayout::InOut
             } else {
-                LinearKind::AsLoaded
+                DenseLayout::AsLoaded
             },
+            quantization: Quantization::default(),
             elementwise: Elementwise::new(cpu, dtype),
         })
     }
@@ -79,8 +82,47 @@ impl Backends {
         self.attention
     }
 
-    pub fn linear(&self) -> LinearKind {
-        self.linear
+    /// These backends with the language model's linear layers and the vision encoder's
+    /// quantized as `quantization` says. Embeddings, norms and the projector stay dense:
+    /// together under 2 % of the weights, and the projector is the bridge every visual token
+    /// crosses.
+    pub fn with_quantization(mut self, quantization: Quantization) -> Self {
+        self.quantization = quantization;
+        self
+    }
+
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+
+    /// A layer that stays dense (the projector).
+    pub fn dense_linear(&self) -> LinearKind {
+        LinearKind::dense(self.layout)
+    }
+
+    /// The language model's decoder layers.
+    pub fn llm_linear(&self) -> LinearKind {
+        LinearKind {
+            layout: self.layout,
+            quant: self.quantization.llm,
+        }
+    }
+
+    /// The LM head: at least q6k when the decoder layers are quantized
+    /// ([`WeightQuant::for_lm_head`]).
+    pub fn lm_head_linear(&self) -> LinearKind {
+        LinearKind {
+            layout: self.layout,
+            quant: self.quantization.llm.map(WeightQuant::for_lm_head),
+        }
+    }
+
+    /// The vision encoder's layers.
+    pub fn vision_linear(&self) -> LinearKind {
+        LinearKind {
+            layout: self.layout,
+            quant: self.quantization.vision,
+        }
     }
 
     pub(crate) fn elementwise(&self) -> Elementwise {
@@ -118,7 +160,11 @@ mod tests {
         let backends = cpu(None, AttentionChoice::Auto).unwrap();
         assert_eq!(backends.dtype(), DType::F32);
         assert_eq!(backends.attention(), AttentionBackend::CpuF32);
-        assert_eq!(backends.linear(), LinearKind::InOut);
+        assert_eq!(
+            backends.dense_linear(),
+            LinearKind::dense(DenseLayout::InOut)
+        );
+        assert_eq!(backends.llm_linear().quant, None);
         assert_eq!(backends.elementwise(), Elementwise::CpuF32);
     }
 

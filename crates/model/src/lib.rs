@@ -28,6 +28,7 @@ mod param_count;
 pub mod preprocess;
 mod projector;
 pub mod prompt;
+pub mod quant;
 mod random_weights;
 #[cfg(test)]
 mod test_util;
@@ -39,7 +40,7 @@ pub use attention_backend::{AttentionBackend, AttentionChoice, UnknownAttention}
 pub use backends::{BackendError, Backends};
 pub use config::InternVlConfig;
 pub use kv_cache::{PagedKvCache, SequenceSlice};
-pub use linear::LinearKind;
+pub use linear::{DenseLayout, LinearKind};
 pub use loader::{EncodedPrompt, LoadError, LoadedModel};
 pub use model::InternVlChat;
 pub use param_count::{count_parameters, ParamCount};

@@ -45,7 +45,7 @@ pub struct Projector {
 
 impl Projector {
     pub fn new(in_dim: usize, out_dim: usize, backends: &Backends, vb: VarBuilder) -> Result<Self> {
-        let kind = backends.linear();
+        let kind = backends.dense_linear();
         Ok(Self {
             norm: layer_norm(in_dim, 1e-5, vb.pp("0"))?,
             fc1: linear(in_dim, out_dim, kind, vb.pp("1"))?,

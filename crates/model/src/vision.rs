@@ -134,10 +134,16 @@ impl VisionAttention {
             (None, None)
         };
         Ok(Self {
-            qkv: linear_b(c, 3 * c, cfg.qkv_bias, backends.linear(), vb.pp("qkv"))?,
+            qkv: linear_b(
+                c,
+                3 * c,
+                cfg.qkv_bias,
+                backends.vision_linear(),
+                vb.pp("qkv"),
+            )?,
             q_norm,
             k_norm,
-            proj: linear(c, c, backends.linear(), vb.pp("proj"))?,
+            proj: linear(c, c, backends.vision_linear(), vb.pp("proj"))?,
             num_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             kind: VisionAttentionKind::new(backends, cfg.head_dim()),
@@ -201,7 +207,11 @@ pub struct VisionMlp {
 
 impl VisionMlp {
     pub fn new(cfg: &VisionConfig, backends: &Backends, vb: VarBuilder) -> Result<Self> {
-        let (c, i, kind) = (cfg.hidden_size, cfg.intermediate_size, backends.linear());
+        let (c, i, kind) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            backends.vision_linear(),
+        );
         Ok(Self {
             fc1: linear(c, i, kind, vb.pp("fc1"))?,
             fc2: linear(i, c, kind, vb.pp("fc2"))?,

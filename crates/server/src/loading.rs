@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use candle_core::{DType, Device};
+use internvl_model::quant::Quantization;
 use internvl_model::weights::ProgressFn;
 use internvl_model::{AttentionChoice, Backends, LoadedModel};
 use std::path::Path;
@@ -10,21 +11,24 @@ use std::path::Path;
 pub const RANDOM_WEIGHTS_SEED: u64 = 0;
 
 /// Loads the checkpoint `dir` onto `device`, computing in `dtype` (default: the device's)
-/// with the `attention` asked for; with `random_weights`, builds the model that config file
-/// describes with random weights instead and takes only the tokenizer from `dir`, warning on
-/// stderr (through the log) that answers will be meaningless.
+/// with the `attention` asked for and the linear layers quantized as `quantization` says
+/// (tensor by tensor as they are read); with `random_weights`, builds the model that config
+/// file describes with random weights instead and takes only the tokenizer from `dir`,
+/// warning on stderr (through the log) that answers will be meaningless.
 pub fn load_model(
     dir: &Path,
     random_weights: Option<&Path>,
     device: &Device,
     dtype: Option<DType>,
     attention: AttentionChoice,
+    quantization: Quantization,
     progress: Option<ProgressFn>,
 ) -> anyhow::Result<LoadedModel> {
-    let backends = Backends::resolve(device, dtype, attention)?;
+    let backends = Backends::resolve(device, dtype, attention)?.with_quantization(quantization);
     tracing::info!(
         attention = ?backends.attention(),
-        linear = ?backends.linear(),
+        linear = ?backends.dense_linear().layout,
+        quantization = %quantization,
         dtype = ?backends.dtype(),
         "model backends"
     );
@@ -64,6 +68,7 @@ mod tests {
             &Device::Cpu,
             None,
             auto,
+            Quantization::default(),
             None,
         )
         .err()
@@ -81,6 +86,7 @@ mod tests {
             &Device::Cpu,
             Some(DType::BF16),
             auto,
+            Quantization::default(),
             None,
         )
         .err()

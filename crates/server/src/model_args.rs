@@ -2,6 +2,7 @@
 //! with which attention.
 //! Shared by `generate` and `bench`; `serve` takes the same through its settings.
 
+use internvl_model::quant::{parse_quant, Quantization, WeightQuant};
 use internvl_model::AttentionChoice;
 use internvl_server::device::{demo_model_dir, parse_device, parse_dtype};
 use internvl_server::service::model::ModelSource;
@@ -28,6 +29,15 @@ pub struct ModelArgs {
     /// ops everywhere).
     #[arg(long, env = "INTERNVL_ATTENTION", default_value = defaults::ATTENTION)]
     pub attention: AttentionChoice,
+    /// Quantize the language model's linear layers while loading: none, q8_0, q6k, q5k, q4k
+    /// (or q5_1, q5_0, q4_0). The LM head gets at least q6k.
+    // Spelled out so that clap takes the parser's `Option` as the value ("none") rather than
+    // as an optional flag.
+    #[arg(long, default_value = "none", value_parser = parse_quant)]
+    pub quantize: std::option::Option<WeightQuant>,
+    /// Quantize the vision encoder's linear layers while loading: none or q8_0.
+    #[arg(long, default_value = "none", value_parser = parse_quant)]
+    pub quantize_vision: std::option::Option<WeightQuant>,
 }
 
 impl ModelArgs {
@@ -44,6 +54,10 @@ impl ModelArgs {
             device: parse_device(&self.device)?,
             dtype: parse_dtype(&self.dtype)?,
             attention: self.attention,
+            quantization: Quantization {
+                llm: self.quantize,
+                vision: self.quantize_vision,
+            },
         })
     }
 }

@@ -52,6 +52,7 @@ pub fn load(settings: &Settings) -> anyhow::Result<Service> {
         device: parse_device(&settings.device)?,
         dtype: parse_dtype(&settings.dtype)?,
         attention: settings.attention,
+        quantization: settings.quantization,
     };
     if settings.using_demo && settings.random_weights.is_none() {
         tracing::warn!(

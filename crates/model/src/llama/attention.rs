@@ -98,9 +98,9 @@ impl Attention {
             weight("k_proj", kv)?,
             weight("v_proj", kv)?,
         ])?;
-        let kind = backends.linear();
+        let kind = backends.llm_linear();
         Ok(Self {
-            qkv_proj: Linear::new(qkv, None, kind)?,
+            qkv_proj: Linear::new(qkv, None, kind, &format!("{}.qkv_proj", vb.prefix()))?,
             o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, kind, vb.pp("o_proj"))?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,

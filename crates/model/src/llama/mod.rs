@@ -35,11 +35,20 @@ struct Mlp {
 
 impl Mlp {
     fn new(cfg: &LlmConfig, backends: &Backends, vb: VarBuilder) -> Result<Self> {
-        let (h, i, kind) = (cfg.hidden_size, cfg.intermediate_size, backends.linear());
+        let (h, i, kind) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            backends.llm_linear(),
+        );
         let weight = |name: &str| vb.pp(name).get((i, h), "weight");
         let gate_up = stack_rows(&[weight("gate_proj")?, weight("up_proj")?])?;
         Ok(Self {
-            gate_up_proj: Linear::new(gate_up, None, kind)?,
+            gate_up_proj: Linear::new(
+                gate_up,
+                None,
+                kind,
+                &format!("{}.gate_up_proj", vb.prefix()),
+            )?,
             down_proj: linear_no_bias(i, h, kind, vb.pp("down_proj"))?,
             elementwise: backends.elementwise(),
         })
@@ -115,7 +124,7 @@ impl Llama {
             embed_tokens: embedding(vocab, h, model.pp("embed_tokens"))?,
             layers,
             norm: rms_norm(h, cfg.rms_norm_eps, model.pp("norm"))?,
-            lm_head: linear_no_bias(h, vocab, backends.linear(), vb.pp("lm_head"))?,
+            lm_head: linear_no_bias(h, vocab, backends.lm_head_linear(), vb.pp("lm_head"))?,
             rotary: Rotary::new(cfg, backends.dtype(), backends.device())?,
             max_positions: cfg.max_position_embeddings,
             vocab_size: vocab,

@@ -4,6 +4,7 @@
 
 use crate::loading::load_model;
 use candle_core::{DType, Device};
+use internvl_model::quant::Quantization;
 use internvl_model::weights::{LoadProgress, ProgressFn};
 use internvl_model::{AttentionChoice, LoadedModel};
 use std::io::IsTerminal;
@@ -22,6 +23,8 @@ pub struct ModelSource {
     /// `None`: the device's default.
     pub dtype: Option<DType>,
     pub attention: AttentionChoice,
+    /// Linear layers quantized at load (`--quantize`, `--quantize-vision`).
+    pub quantization: Quantization,
 }
 
 /// Whether loading reports its progress.
@@ -45,6 +48,7 @@ impl ModelSource {
             &self.device,
             self.dtype,
             self.attention,
+            self.quantization,
             report,
         )?;
         if progress == Progress::Shown && std::io::stderr().is_terminal() {

@@ -12,6 +12,7 @@ pub use origins::AllowedOrigins;
 pub use sizes::KvCacheMemory;
 
 use anyhow::{bail, Context};
+use internvl_model::quant::{parse_quant, Quantization};
 use internvl_model::AttentionChoice;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -103,6 +104,12 @@ settings! {
     /// Attention: auto (the device's fastest), kernels (the CUDA kernels) or matmul (candle's
     /// ops everywhere).
     attention: String, env = "INTERNVL_ATTENTION", default = defaults::ATTENTION;
+    /// Quantize the language model's linear layers while loading: none, q8_0, q6k, q5k, q4k
+    /// (or q5_1, q5_0, q4_0). The LM head gets at least q6k.
+    quantize: String, env = "INTERNVL_QUANTIZE", default = "none";
+    /// Quantize the vision encoder's linear layers while loading: none or q8_0 (its
+    /// 3200-wide rows take no k-quant; one asked for falls back per layer).
+    quantize_vision: String, env = "INTERNVL_QUANTIZE_VISION", default = "none";
     /// Most sequences in one engine step.
     max_num_seqs: usize, env = "INTERNVL_MAX_NUM_SEQS", default = defaults::MAX_NUM_SEQS;
     /// Most tokens in one engine step.
@@ -202,6 +209,7 @@ pub struct Settings {
     pub device: String,
     pub dtype: String,
     pub attention: AttentionChoice,
+    pub quantization: Quantization,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub max_model_len: Option<usize>,
@@ -276,6 +284,11 @@ impl Settings {
                 .unwrap_or(defaults::ATTENTION)
                 .parse()
                 .context("attention")?,
+            quantization: Quantization {
+                llm: parse_quant(a.quantize.as_deref().unwrap_or("none")).context("quantize")?,
+                vision: parse_quant(a.quantize_vision.as_deref().unwrap_or("none"))
+                    .context("quantize_vision")?,
+            },
             max_num_seqs: positive(
                 "max_num_seqs",
                 a.max_num_seqs.unwrap_or(defaults::MAX_NUM_SEQS),

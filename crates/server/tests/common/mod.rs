@@ -48,6 +48,7 @@ pub fn demo_source() -> ModelSource {
         device: candle_core::Device::Cpu,
         dtype: None,
         attention: AttentionChoice::Auto,
+        quantization: Default::default(),
     }
 }
 
