@@ -41,6 +41,10 @@ impl LinearKind {
     }
 }
 
+/// Rows from which a quantized layer multiplies through its weight dequantized rather than
+/// through ggml's integer dot products: a prefill chunk, not a decode batch.
+const DENSE_ROWS: usize = 64;
+
 /// A weight in the form its [`LinearKind`] keeps.
 #[derive(Debug, Clone)]
 enum Weight {
@@ -99,6 +103,16 @@ impl Linear {
         let y = match &self.weight {
             Weight::InOut(w) => x.matmul(w)?,
             Weight::AsLoaded(w) => x.matmul(&w.t()?)?,
+            Weight::Quantized(w) if rows >= DENSE_ROWS => {
+                // A prefill's rows: the weight dequantized for one dense matmul, which the
+                // device runs far faster than the integer dot products when there are many
+                // rows (the weight's bytes are read once either way).
+                let w = match w {
+                    QMatMul::QTensor(q) => q.dequantize(&q.device())?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
+                };
+                x.matmul(&w.to_dtype(x.dtype())?.t()?)?
+            }
             Weight::Quantized(w) => {
                 // ggml's kernels take f32 activations; bf16 ones are widened and the result
                 // narrowed back.
