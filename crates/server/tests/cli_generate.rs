@@ -47,3 +47,68 @@ fn logprobs_out_has_one_line_per_greedy_token() {
         assert!(total <= 1.0 + 1e-5, "probabilities sum to {total}");
     }
 }
+
+/// The greedy tokens of `generate` with `extra` flags, from its `--logprobs-out` lines.
+fn greedy_tokens(extra: &[&str]) -> Vec<u64> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("logprobs.jsonl");
+    let output = Command::new(env!("CARGO_BIN_EXE_internvl"))
+        .args([
+            "generate",
+            "--prompt",
+            "你好",
+            "--max-tokens",
+            "16",
+            "--ignore-eos",
+        ])
+        .args([
+            "--image",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/fixtures/images/model-a.png"
+            ),
+        ])
+        .args(extra)
+        .arg("--logprobs-out")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["token"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `--quantize q8_0 --quantize-vision q8_0` loads and answers, and on the demo checkpoint keeps
+/// f32's greedy tokens (crates/model/tests/quantized.rs measures it over the reference cases);
+/// an unknown type is refused before loading, naming the types there are.
+#[test]
+fn quantize_flags_load_a_quantized_model() {
+    let dense = greedy_tokens(&[]);
+    assert_eq!(dense.len(), 16);
+    assert_eq!(
+        greedy_tokens(&["--quantize", "q8_0", "--quantize-vision", "q8_0"]),
+        dense
+    );
+    assert_eq!(greedy_tokens(&["--quantize", "q4k"]).len(), 16);
+    let output = Command::new(env!("CARGO_BIN_EXE_internvl"))
+        .args(["generate", "--prompt", "hi", "--quantize", "q3k"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unknown quantization") && stderr.contains("q4k"),
+        "{stderr}"
+    );
+}

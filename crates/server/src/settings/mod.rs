@@ -534,6 +534,27 @@ mod tests {
     }
 
     #[test]
+    fn quantization_from_flags_or_file() {
+        use internvl_model::quant::WeightQuant;
+        let cli = Cli::parse_from(["x", "--quantize", "q4_k", "--quantize-vision", "q8_0"]);
+        let s = Settings::resolve(cli.args, PathBuf::new()).unwrap();
+        assert_eq!(s.quantization.llm, Some(WeightQuant::Q4K));
+        assert_eq!(s.quantization.vision, Some(WeightQuant::Q8_0));
+        let args: ServeArgs = toml::from_str("quantize = \"q6k\"").unwrap();
+        let s = Settings::resolve(args, PathBuf::new()).unwrap();
+        assert_eq!(s.quantization.llm, Some(WeightQuant::Q6K));
+        assert_eq!(s.quantization.vision, None);
+        let s = Settings::resolve(ServeArgs::default(), PathBuf::new()).unwrap();
+        assert_eq!(s.quantization, Default::default());
+        let cli = Cli::parse_from(["x", "--quantize", "q3"]);
+        let err = format!(
+            "{:#}",
+            Settings::resolve(cli.args, PathBuf::new()).unwrap_err()
+        );
+        assert!(err.contains("quantize") && err.contains("q4k"), "{err}");
+    }
+
+    #[test]
     fn bad_settings_fail_clearly() {
         let cli = Cli::parse_from(["x", "--block-size", "0"]);
         let err = Settings::resolve(cli.args, PathBuf::new())
