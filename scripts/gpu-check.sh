@@ -23,8 +23,14 @@
 #      cannot complete within the generated tokens, so both runs do the same work), against
 #      the free run of step 3 at that level: the throughput ratio (target: within 5 %) and
 #      the grammar masks' time per token (p50, p99);
-#   6. the table: each row ours vs transformers, the speed-up, and the issue's targets, then
-#      the structured-outputs rows.
+#   6. quantized weights: for q8_0 and q4k (LLM) with q8_0 vision, internvl bench on the same
+#      full-size model at the same levels (decode tok/s, TTFT, peak GPU memory), and the
+#      first-step top-5 logprob error against the dense run on the demo checkpoint's
+#      one-image case (`generate --logprobs-out`, both in the bench dtype);
+#   7. the table: each row ours vs transformers, the speed-up, and the issue's targets, then
+#      the structured-outputs rows and the quantized rows beside the dense ones.
+# Steps 5 and 6 come last: where the deadline leaves no time they are skipped and say so
+# (GPU_CHECK_STEPS="info quantized" runs step 6 alone).
 #
 # Decode rows: each chat is one 448x448 image (256 visual tokens) + GPU_CHECK_DECODE_TEXT text
 # tokens (default 200; 256 + 200 = 456 prompt tokens) and GPU_CHECK_DECODE_TOKENS generated
@@ -46,7 +52,7 @@
 #   GPU_CHECK_VIT_RUNS (5)  GPU_CHECK_BENCH_ARGS (extra `internvl bench` flags)
 #   GPU_CHECK_STRUCTURED_LEVEL (64)
 #   GPU_CHECK_STEPS     steps to run (default "info correctness kernels ours transformers
-#                       structured")
+#                       structured quantized")
 #   GPU_CHECK_DEADLINE  seconds the whole script may take (default 570); each step's timeout is
 #                       cut to what is left
 #   INTERNVL_BIN        the binary (default target/cuda/internvl-cuda-sm${CUDA_COMPUTE_CAP:-90},
@@ -68,7 +74,7 @@ ttft_runs="${GPU_CHECK_TTFT_RUNS:-5}"
 vit_batch="${GPU_CHECK_VIT_BATCH:-1,8}"
 vit_runs="${GPU_CHECK_VIT_RUNS:-5}"
 structured_level="${GPU_CHECK_STRUCTURED_LEVEL:-64}"
-steps=" ${GPU_CHECK_STEPS:-info correctness kernels ours transformers structured} "
+steps=" ${GPU_CHECK_STEPS:-info correctness kernels ours transformers structured quantized} "
 deadline="${GPU_CHECK_DEADLINE:-570}"
 read -r -a bench_extra <<<"${GPU_CHECK_BENCH_ARGS:-}"
 if [ "$device" = cpu ]; then
@@ -220,7 +226,7 @@ fi
 
 # The model the benchmarks run: the config with random weights where the binary can.
 model_args=()
-if want ours || want structured; then
+if want ours || want structured || want quantized; then
     if "$bin" bench --help 2>/dev/null | grep -q -- --random-weights; then
         model_args=(--random-weights "$config" --model "$tokenizer")
     else
@@ -260,10 +266,29 @@ if want structured; then
         --json "$out/internvl-structured.json" "${bench_extra[@]}"
 fi
 
-echo "== 6. summary ($SECONDS s)"
+if want quantized; then
+    echo "== 6. quantized weights: q8_0 and q4k, vision q8_0 ($SECONDS s)"
+    one_image=(--image tests/fixtures/images/model-a.png --prompt "请描述这张图片的内容。Describe the picture in detail."
+        --max-tokens 1 --device "$device" --dtype "$bench_dtype" --model models/demo-internvl)
+    run "logprobs dense" 60 "$out/quant-dense.log" "$bin" generate "${one_image[@]}" \
+        --logprobs-out "$out/logprobs-dense.jsonl" >/dev/null
+    for q in q8_0 q4k; do
+        run "logprobs $q" 60 "$out/quant-$q.log" "$bin" generate "${one_image[@]}" \
+            --quantize "$q" --quantize-vision q8_0 --logprobs-out "$out/logprobs-$q.jsonl" >/dev/null
+        rm -f "$out/internvl-$q.json"
+        run "internvl bench --quantize $q" 240 "$out/internvl-$q-bench.log" "$bin" bench \
+            "${model_args[@]}" --device "$device" --dtype "$bench_dtype" "${images[@]}" \
+            --quantize "$q" --quantize-vision q8_0 \
+            --concurrency "$levels" --prompt-tokens "$decode_text" --max-tokens "$decode_tokens" \
+            --ttft-runs "$ttft_runs" --ttft-prompt-tokens "$ttft_text" \
+            --json "$out/internvl-$q.json" "${bench_extra[@]}"
+    done
+fi
+
+echo "== 7. summary ($SECONDS s)"
 printf '%s\n' "${summary[@]}"
 python3 - "$out/internvl.json" "$out/transformers.json" "$device" "$out/internvl-structured.json" \
-    <<'EOF' | tee "$out/summary.md"
+    "$out" <<'EOF' | tee "$out/summary.md"
 import json, sys
 
 def load(path):
@@ -343,6 +368,39 @@ for s in structured.get("levels") or []:
           f"over {s.get('grammar_masks')} masks")
     if s.get("error"):
         print(f"structured error: {s['error'][:300]}")
+
+def first_step(path):
+    try:
+        with open(path) as f:
+            line = json.loads(f.readline())
+        return {t: lp for t, lp in line["top"]}
+    except (OSError, ValueError, KeyError) as e:
+        return None
+
+out = sys.argv[5]
+dense_lp = first_step(f"{out}/logprobs-dense.jsonl")
+quant = {q: load(f"{out}/internvl-{q}.json") for q in ("q8_0", "q4k")}
+if any(quant.values()) or dense_lp:
+    print("\nquantized weights (LLM type, vision q8_0) beside dense:")
+    print("| measurement | dense | q8_0 | q4k |")
+    print("| --- | ---: | ---: | ---: |")
+    levels_q = sorted({l["concurrency"] for r in [ours, *quant.values()] for l in r.get("levels") or []})
+    for c in levels_q:
+        print(f"| decode tok/s, concurrency {c} | {fmt(level(ours, c).get('decode_tok_s'))} | "
+              + " | ".join(fmt(level(quant[q], c).get("decode_tok_s")) for q in quant) + " |")
+    ttft = lambda r: (r.get("ttft") or {}).get("p50_ms")
+    print(f"| TTFT ms | {fmt(ttft(ours))} | " + " | ".join(fmt(ttft(quant[q])) for q in quant) + " |")
+    print(f"| peak GPU memory MiB | {fmt(mem(ours))} | " + " | ".join(fmt(mem(quant[q])) for q in quant) + " |")
+    errors = []
+    for q in quant:
+        lp = first_step(f"{out}/logprobs-{q}.jsonl")
+        if dense_lp is None or lp is None:
+            errors.append("-")
+            continue
+        top5 = sorted(dense_lp, key=dense_lp.get, reverse=True)[:5]
+        diffs = [abs(lp[t] - dense_lp[t]) for t in top5 if t in lp]
+        errors.append(f"{max(diffs):.3f} ({len(diffs)}/5 in its top 20)" if diffs else "none shared")
+    print("| first-step top-5 logprob error vs dense (demo, one image) | 0 | " + " | ".join(errors) + " |")
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "summary table"
 echo "results: $out/internvl.json, $out/transformers.json, $out/summary.md, logs in $out"
