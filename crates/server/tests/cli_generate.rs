@@ -2,35 +2,34 @@
 
 use std::process::Command;
 
-/// One JSON line per generated token; greedy picks the most likely token, so each line's
-/// token is the first of its top list, with the top logprob, and the list is sorted.
-#[test]
-fn logprobs_out_has_one_line_per_greedy_token() {
+/// The `--logprobs-out` lines of `generate --prompt 你好 --ignore-eos` with `args`.
+fn logprob_lines(args: &[&str]) -> Vec<serde_json::Value> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("logprobs.jsonl");
     let output = Command::new(env!("CARGO_BIN_EXE_internvl"))
-        .args([
-            "generate",
-            "--prompt",
-            "你好",
-            "--max-tokens",
-            "5",
-            "--ignore-eos",
-        ])
+        .args(["generate", "--prompt", "你好", "--ignore-eos"])
+        .args(args)
         .arg("--logprobs-out")
         .arg(&path)
         .output()
         .unwrap();
     assert!(
         output.status.success(),
-        "{}",
+        "{args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let text = std::fs::read_to_string(&path).unwrap();
-    let lines: Vec<serde_json::Value> = text
+    std::fs::read_to_string(&path)
+        .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+/// One JSON line per generated token; greedy picks the most likely token, so each line's
+/// token is the first of its top list, with the top logprob, and the list is sorted.
+#[test]
+fn logprobs_out_has_one_line_per_greedy_token() {
+    let lines = logprob_lines(&["--max-tokens", "5"]);
     assert_eq!(lines.len(), 5);
     for line in &lines {
         let top: Vec<(u64, f64)> = line["top"]
@@ -48,44 +47,17 @@ fn logprobs_out_has_one_line_per_greedy_token() {
     }
 }
 
-/// The greedy tokens of `generate` with `extra` flags, from its `--logprobs-out` lines.
+/// The greedy tokens of 16 steps on an image, with `extra` flags.
 fn greedy_tokens(extra: &[&str]) -> Vec<u64> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("logprobs.jsonl");
-    let output = Command::new(env!("CARGO_BIN_EXE_internvl"))
-        .args([
-            "generate",
-            "--prompt",
-            "你好",
-            "--max-tokens",
-            "16",
-            "--ignore-eos",
-        ])
-        .args([
-            "--image",
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../tests/fixtures/images/model-a.png"
-            ),
-        ])
-        .args(extra)
-        .arg("--logprobs-out")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{extra:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let image = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/images/model-a.png"
     );
-    std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["token"]
-                .as_u64()
-                .unwrap()
-        })
+    let mut args = vec!["--max-tokens", "16", "--image", image];
+    args.extend_from_slice(extra);
+    logprob_lines(&args)
+        .iter()
+        .map(|l| l["token"].as_u64().unwrap())
         .collect()
 }
 
