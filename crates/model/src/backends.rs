@@ -19,6 +19,8 @@ pub enum BackendError {
     Bf16OnCpu,
     #[error("attention `kernels` needs a CUDA device; {0}")]
     NoKernels(&'static str),
+    #[error("a {kv:?} KV cache needs {why}")]
+    KvDtype { kv: DType, why: &'static str },
 }
 
 /// The resolved choices every layer of the model is built with.
@@ -29,6 +31,8 @@ pub struct Backends {
     attention: AttentionBackend,
     layout: DenseLayout,
     quantization: Quantization,
+    /// The KV cache's element type: the compute dtype unless `with_kv_dtype` says otherwise.
+    kv_dtype: DType,
     elementwise: Elementwise,
 }
 
@@ -66,6 +70,7 @@ impl Backends {
                 DenseLayout::AsLoaded
             },
             quantization: Quantization::default(),
+            kv_dtype: dtype,
             elementwise: Elementwise::new(cpu, dtype),
         })
     }
@@ -93,6 +98,32 @@ impl Backends {
 
     pub fn quantization(&self) -> Quantization {
         self.quantization
+    }
+
+    /// These backends with the KV cache in `kv` (`None`: the compute dtype). On the CPU in
+    /// f32, f16 and bf16 caches halve the bytes decode attention reads; its in-place attention
+    /// widens each slot's row as it reads it, and the long-prefill path its gathered context.
+    /// Elsewhere the attention reads the cache in the compute dtype, so only that is taken.
+    pub fn with_kv_dtype(mut self, kv: Option<DType>) -> Result<Self, BackendError> {
+        let kv = kv.unwrap_or(self.dtype);
+        let cpu_f32 = self.device.is_cpu() && self.dtype == DType::F32;
+        let ok = kv == self.dtype || cpu_f32 && matches!(kv, DType::F16 | DType::BF16);
+        if !ok {
+            return Err(BackendError::KvDtype {
+                kv,
+                why: if cpu_f32 {
+                    "f32, f16 or bf16 on the CPU"
+                } else {
+                    "the compute dtype here (a 16-bit KV cache with f32 compute is the CPU's)"
+                },
+            });
+        }
+        self.kv_dtype = kv;
+        Ok(self)
+    }
+
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
     }
 
     /// A layer that stays dense (the projector).
@@ -156,6 +187,23 @@ mod tests {
     }
 
     #[test]
+    fn sixteen_bit_kv_caches_are_the_cpus_in_f32() {
+        let f32_cpu = cpu(None, AttentionChoice::Auto).unwrap();
+        for kv in [DType::F16, DType::BF16, DType::F32] {
+            let b = f32_cpu.clone().with_kv_dtype(Some(kv)).unwrap();
+            assert_eq!(b.kv_dtype(), kv);
+        }
+        assert_eq!(
+            f32_cpu.clone().with_kv_dtype(None).unwrap().kv_dtype(),
+            DType::F32
+        );
+        assert!(f32_cpu.with_kv_dtype(Some(DType::F64)).is_err());
+        let f16_cpu = cpu(Some(DType::F16), AttentionChoice::Auto).unwrap();
+        let err = f16_cpu.with_kv_dtype(Some(DType::BF16)).unwrap_err();
+        assert!(err.to_string().contains("compute dtype"), "{err}");
+    }
+
+    #[test]
     fn the_cpu_defaults_to_f32_and_its_own_attention() {
         let backends = cpu(None, AttentionChoice::Auto).unwrap();
         assert_eq!(backends.dtype(), DType::F32);
@@ -165,6 +213,7 @@ mod tests {
             LinearKind::dense(DenseLayout::InOut)
         );
         assert_eq!(backends.llm_linear().quant, None);
+        assert_eq!(backends.kv_dtype(), DType::F32);
         assert_eq!(backends.elementwise(), Elementwise::CpuF32);
     }
 

@@ -118,18 +118,24 @@ pub(crate) fn axpy_generic(alpha: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// Asks the CPU to start loading `data` into cache: for rows that are read next but lie in
-/// another page, where the hardware prefetcher does not follow.
+/// another page, where the hardware prefetcher does not follow. One hint per 64-byte line,
+/// whatever the element type.
 #[inline(always)]
-pub(crate) fn prefetch(data: &[f32]) {
+pub(crate) fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
-        // SAFETY: a prefetch is a hint; the address is inside `data`.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            )
-        };
+    {
+        let start = data.as_ptr().cast::<i8>();
+        for offset in (0..std::mem::size_of_val(data)).step_by(64) {
+            // SAFETY: a prefetch is a hint; the address is inside `data`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    start.add(offset),
+                )
+            };
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// `e^x` within 2 ulp for x ≤ 88 (Cephes' single-precision reduction and polynomial): 0 below

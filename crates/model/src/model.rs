@@ -21,6 +21,7 @@ pub struct InternVlChat {
     image_context_id: u32,
     device: Device,
     dtype: DType,
+    kv_dtype: DType,
 }
 
 impl InternVlChat {
@@ -59,6 +60,7 @@ impl InternVlChat {
             image_context_id,
             device: backends.device().clone(),
             dtype: backends.dtype(),
+            kv_dtype: backends.kv_dtype(),
             config,
         })
     }
@@ -85,9 +87,14 @@ impl InternVlChat {
             &self.config.llm,
             num_blocks,
             block_size,
-            self.dtype,
+            self.kv_dtype,
             &self.device,
         )
+    }
+
+    /// The KV cache's element type (`Backends::kv_dtype`).
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
     }
 
     /// Encodes preprocessed images [B, 3, H, W] into LLM embeddings [B, tokens, hidden].

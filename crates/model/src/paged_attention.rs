@@ -1,4 +1,6 @@
-//! Attention that reads keys and values in place from the paged KV cache, on the CPU in f32.
+//! Attention that reads keys and values in place from the paged KV cache, on the CPU in f32;
+//! the cache itself may be f32, f16 or bf16 (`--kv-cache-dtype`), each slot's row widened to
+//! f32 in a scratch row as it is read, never the cache as a whole.
 //!
 //! Gathering a sequence's context out of the cache into a contiguous tensor costs a copy of
 //! its whole KV per layer per step, which dominated decode time with many sequences. Reading
@@ -7,7 +9,9 @@
 //! parallel section per layer serves every sequence; long prefills keep the matmul path.
 
 use crate::cpu_math::{axpy_generic, dot_generic, multiversion, prefetch, softmax_rows_generic};
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
@@ -19,6 +23,8 @@ const AHEAD: usize = 4;
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One slot's row widened from a 16-bit cache.
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One sequence's short run of new tokens: rows `rows` of the batch's queries, at positions
@@ -32,8 +38,8 @@ pub struct PagedRun<'a> {
 
 /// Attention of every run in `runs` at once: `q` [tokens, heads, head_dim] holds the new
 /// tokens of the whole batch; each run's rows of `out` (the same layout, flat) receive its
-/// result, the other rows are left as they are. CPU f32 only, with contiguous caches: the
-/// backends send other devices and dtypes to the matmul attention.
+/// result, the other rows are left as they are. CPU only, f32 queries, contiguous caches of
+/// f32, f16 or bf16: the backends send other devices and dtypes to the matmul attention.
 pub fn paged_attention_cpu(
     q: &Tensor,
     k_cache: &Tensor,
@@ -42,12 +48,13 @@ pub fn paged_attention_cpu(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
+    let cache_dtype = k_cache.dtype();
     if !matches!(q.device(), Device::Cpu)
         || q.dtype() != DType::F32
-        || k_cache.dtype() != DType::F32
-        || v_cache.dtype() != DType::F32
+        || !matches!(cache_dtype, DType::F32 | DType::F16 | DType::BF16)
+        || v_cache.dtype() != cache_dtype
     {
-        candle_core::bail!("paged attention: CPU f32 only");
+        candle_core::bail!("paged attention: CPU, f32 queries, an f32, f16 or bf16 cache only");
     }
     let (tokens, heads, head_dim) = q.dims3()?;
     let (_, kv_heads, kv_dim) = k_cache.dims3()?;
@@ -77,8 +84,8 @@ pub fn paged_attention_cpu(
     }
     let queries = &q_cpu.as_slice::<f32>()?[q_layout.start_offset()..];
     let cache = Cache {
-        keys: &k_cpu.as_slice::<f32>()?[k_layout.start_offset()..],
-        values: &v_cpu.as_slice::<f32>()?[v_layout.start_offset()..],
+        keys: Rows::of(k_cpu, k_layout.start_offset())?,
+        values: Rows::of(v_cpu, v_layout.start_offset())?,
         row: kv_heads * head_dim,
         head_dim,
         groups: heads / kv_heads,
@@ -112,13 +119,60 @@ pub fn paged_attention_cpu(
     Ok(())
 }
 
-/// A layer's cache as flat f32 rows, one per slot: kv_heads × head_dim.
+/// A layer's cache as flat rows, one per slot: kv_heads × head_dim elements.
 struct Cache<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
+    keys: Rows<'a>,
+    values: Rows<'a>,
     row: usize,
     head_dim: usize,
     groups: usize,
+}
+
+/// A cache's elements in the dtype it holds.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Rows<'a> {
+    fn of(storage: &'a CpuStorage, offset: usize) -> Result<Self> {
+        Ok(match storage {
+            CpuStorage::F32(v) => Rows::F32(&v[offset..]),
+            CpuStorage::F16(v) => Rows::F16(&v[offset..]),
+            CpuStorage::BF16(v) => Rows::Bf16(&v[offset..]),
+            _ => candle_core::bail!("paged attention: an f32, f16 or bf16 cache only"),
+        })
+    }
+
+    /// Elements `range` of the cache as f32: in place for an f32 cache, widened into `wide`
+    /// otherwise.
+    #[inline(always)]
+    fn get<'s>(&'s self, range: Range<usize>, wide: &'s mut [f32]) -> &'s [f32] {
+        let wide = &mut wide[..range.len()];
+        match self {
+            Rows::F32(v) => &v[range],
+            Rows::F16(v) => {
+                v[range].convert_to_f32_slice(wide);
+                wide
+            }
+            Rows::Bf16(v) => {
+                v[range].convert_to_f32_slice(wide);
+                wide
+            }
+        }
+    }
+
+    /// Asks the CPU to start loading elements `range`.
+    #[inline(always)]
+    fn prefetch(&self, range: Range<usize>) {
+        match self {
+            Rows::F32(v) => prefetch(&v[range]),
+            Rows::F16(v) => prefetch(&v[range]),
+            Rows::Bf16(v) => prefetch(&v[range]),
+        }
+    }
 }
 
 multiversion!(
@@ -140,28 +194,38 @@ multiversion!(
         let kv_offset = |h: usize| (h / cache.groups) * hd;
         // The part of a slot's row these heads read, and that part of the row AHEAD slots on.
         let part = kv_offset(heads.start)..kv_offset(heads.end - 1) + hd;
-        let ahead = |rows: &[f32], j: usize| {
+        let at = |slot: u32| {
+            let base = slot as usize * cache.row;
+            base + part.start..base + part.end
+        };
+        let ahead = |rows: &Rows, j: usize| {
             if let Some(&slot) = context.get(j + AHEAD) {
-                prefetch(&rows[slot as usize * cache.row..][part.clone()]);
+                rows.prefetch(at(slot));
             }
         };
-        for (j, &slot) in context.iter().enumerate() {
-            ahead(cache.keys, j);
-            let keys = &cache.keys[slot as usize * cache.row..][..cache.row];
-            for (k, h) in heads.clone().enumerate() {
-                let q = &query[h * hd..][..hd];
-                scores[k * n + j] = dot_generic(q, &keys[kv_offset(h)..][..hd]) * scale;
+        WIDE.with(|wide| {
+            let mut wide = wide.borrow_mut();
+            wide.resize(part.len(), 0.0);
+            for (j, &slot) in context.iter().enumerate() {
+                ahead(&cache.keys, j);
+                let keys = cache.keys.get(at(slot), &mut wide);
+                for (k, h) in heads.clone().enumerate() {
+                    let q = &query[h * hd..][..hd];
+                    let key = &keys[kv_offset(h) - part.start..][..hd];
+                    scores[k * n + j] = dot_generic(q, key) * scale;
+                }
             }
-        }
-        softmax_rows_generic(scores, n);
-        for (j, &slot) in context.iter().enumerate() {
-            ahead(cache.values, j);
-            let values = &cache.values[slot as usize * cache.row..][..cache.row];
-            for (k, h) in heads.clone().enumerate() {
-                let output = &mut out[k * hd..][..hd];
-                axpy_generic(scores[k * n + j], &values[kv_offset(h)..][..hd], output);
+            softmax_rows_generic(scores, n);
+            for (j, &slot) in context.iter().enumerate() {
+                ahead(&cache.values, j);
+                let values = cache.values.get(at(slot), &mut wide);
+                for (k, h) in heads.clone().enumerate() {
+                    let output = &mut out[k * hd..][..hd];
+                    let value = &values[kv_offset(h) - part.start..][..hd];
+                    axpy_generic(scores[k * n + j], value, output);
+                }
             }
-        }
+        });
     }
 );
 
@@ -300,14 +364,49 @@ mod tests {
         assert_eq!(&all[5 * heads * hd..6 * heads * hd], alone.as_slice());
     }
 
+    /// A 16-bit cache read in place gives what the gathered attention gives over the same
+    /// cache widened to f32: the values are the same, only read differently.
+    #[test]
+    fn sixteen_bit_caches_match_their_widened_values() {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, hd) = (4, 2, 16);
+        let q = Tensor::randn(0f32, 1.0, (3, heads, hd), &dev).unwrap();
+        let slots: Vec<u32> = (0..30).map(|p| (p * 7) % 50).collect();
+        let runs = [PagedRun {
+            rows: 0..3,
+            start: 27,
+            slots: &slots,
+        }];
+        for dtype in [DType::F16, DType::BF16] {
+            let k = Tensor::randn(0f32, 1.0, (50, kv_heads, hd), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let v = Tensor::randn(0f32, 1.0, (50, kv_heads, hd), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let mut out = vec![0f32; 3 * heads * hd];
+            paged_attention_cpu(&q, &k, &v, &runs, 0.25, &mut out).unwrap();
+            let ours = Tensor::from_vec(out, (3, heads, hd), &dev).unwrap();
+            let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let expected = gathered(&q, &wide(&k), &wide(&v), &slots, 27, 0.25);
+            let diff = crate::test_util::max_difference(&ours, &expected);
+            assert!(diff < 1e-5, "{dtype:?}: max difference {diff}");
+        }
+    }
+
     /// Other dtypes never reach this path: the backends send them to candle's matmuls
     /// (`backends::tests::other_cpu_dtypes_use_matmuls`); here they are refused, the output
-    /// untouched.
+    /// untouched: 16-bit queries, an f64 cache, and caches of two dtypes.
     #[test]
     fn other_dtypes_are_refused() {
         let dev = Device::Cpu;
         let cache = Tensor::zeros((4, 1, 8), DType::BF16, &dev).unwrap();
         let q = Tensor::zeros((1, 1, 8), DType::BF16, &dev).unwrap();
+        let f32_q = Tensor::zeros((1, 1, 8), DType::F32, &dev).unwrap();
+        let f64_cache = Tensor::zeros((4, 1, 8), DType::F64, &dev).unwrap();
+        let f16_cache = Tensor::zeros((4, 1, 8), DType::F16, &dev).unwrap();
         let runs = [PagedRun {
             rows: 0..1,
             start: 0,
@@ -315,6 +414,8 @@ mod tests {
         }];
         let mut out = vec![7f32; 8];
         assert!(paged_attention_cpu(&q, &cache, &cache, &runs, 1.0, &mut out).is_err());
+        assert!(paged_attention_cpu(&f32_q, &f64_cache, &f64_cache, &runs, 1.0, &mut out).is_err());
+        assert!(paged_attention_cpu(&f32_q, &cache, &f16_cache, &runs, 1.0, &mut out).is_err());
         assert!(out.iter().all(|&x| x == 7.0));
     }
 }

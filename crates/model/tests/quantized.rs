@@ -10,11 +10,12 @@
 //!
 //! The demo checkpoint's rows (64 and 160 wide) take no 256-element k-quant: its q6k and q4k
 //! run as their fallbacks (q8_0, q5_0), which is what the log says at load. The bench shape's
-//! 512-wide rows do take them; its 1376-wide `down_proj` falls back.
+//! 512-wide rows do take them; its 1376-wide `down_proj` falls back. The same measures hold
+//! a 16-bit KV cache (f16, bf16) to the f32 one.
 
 mod common;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use common::*;
 use internvl_model::quant::{Quantization, WeightQuant};
 use internvl_model::{LoadedModel, PagedKvCache, SequenceSlice};
@@ -331,6 +332,73 @@ fn quantized_bench_shape_stays_near_f32() {
             bound(WeightQuant::Q6K, None, 0, 0.34, 0.085),
             bound(WeightQuant::Q4K, None, 0, 1.8, 0.43),
             bound(WeightQuant::Q4K, Some(WeightQuant::Q8_0), 0, 1.8, 0.43),
+        ],
+    );
+}
+
+/// A 16-bit KV cache (`--kv-cache-dtype`) against the f32 one, measured as the quantized
+/// weights are: `bounds` are (dtype, greedy cases identical at least, max and mean top-5
+/// logprob error at most), each measured figure with a margin of a half.
+fn check_kv(
+    label: &str,
+    f32_model: &LoadedModel,
+    load: impl Fn(DType) -> LoadedModel,
+    prompts: &[Prompt],
+    bounds: &[(DType, usize, f64, f64)],
+) {
+    let paths: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            greedy(
+                f32_model,
+                &p.ids,
+                image_rows(f32_model, &p.images).as_ref(),
+                STEPS,
+            )
+            .1
+        })
+        .collect();
+    for &(dtype, min_identical, max_error, mean_error) in bounds {
+        let f = measure(f32_model, &load(dtype), prompts, &paths);
+        println!(
+            "{label}, KV cache {dtype:?}: greedy identical {}/{}, first divergence {:?}, top-5 logprob error max {:.5} mean {:.6}",
+            f.identical, f.cases, f.first_divergence, f.max_error, f.mean_error
+        );
+        assert!(f.identical >= min_identical, "{label} {dtype:?}: {f:?}");
+        assert!(f.max_error <= max_error, "{label} {dtype:?}: {f:?}");
+        assert!(f.mean_error <= mean_error, "{label} {dtype:?}: {f:?}");
+    }
+}
+
+#[test]
+fn sixteen_bit_kv_caches_stay_near_f32() {
+    let (prompts, _) = reference_prompts();
+    let kv = |dtype: DType| cpu_backends(None).with_kv_dtype(Some(dtype)).unwrap();
+    check_kv(
+        "demo",
+        &load_demo(),
+        |dtype| LoadedModel::load(&demo_dir(), &kv(dtype)).unwrap(),
+        &prompts,
+        &[
+            (DType::F16, 5, 0.045, 0.0043),
+            (DType::BF16, 5, 0.42, 0.037),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = bench_config(dir.path());
+    let random = |backends: &internvl_model::Backends| {
+        LoadedModel::load_random(&config, &demo_dir(), backends, 0)
+            .unwrap()
+            .0
+    };
+    check_kv(
+        "bench shape",
+        &random(&cpu_backends(None)),
+        |dtype| random(&kv(dtype)),
+        &prompts,
+        &[
+            (DType::F16, 5, 0.0024, 0.00029),
+            (DType::BF16, 4, 0.022, 0.0028),
         ],
     );
 }

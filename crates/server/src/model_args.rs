@@ -38,6 +38,9 @@ pub struct ModelArgs {
     /// Quantize the vision encoder's linear layers while loading: none or q8_0.
     #[arg(long, default_value = "none", value_parser = parse_quant)]
     pub quantize_vision: std::option::Option<WeightQuant>,
+    /// KV-cache element type: auto (the compute dtype), or f16 or bf16 on the CPU.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
 }
 
 impl ModelArgs {
@@ -58,6 +61,7 @@ impl ModelArgs {
                 llm: self.quantize,
                 vision: self.quantize_vision,
             },
+            kv_dtype: parse_dtype(&self.kv_cache_dtype)?,
         })
     }
 }

@@ -53,6 +53,7 @@ pub fn load(settings: &Settings) -> anyhow::Result<Service> {
         dtype: parse_dtype(&settings.dtype)?,
         attention: settings.attention,
         quantization: settings.quantization,
+        kv_dtype: settings.kv_cache_dtype,
     };
     if settings.using_demo && settings.random_weights.is_none() {
         tracing::warn!(

@@ -134,8 +134,9 @@ impl Attention {
         let q = rotate(&q)?; // [t, heads, hd]
         let k = rotate(&k)?; // [t, kv_heads, hd]
         let (k_cache, v_cache) = cache;
-        k_cache.scatter_set(&plan.write_index, &k, 0)?;
-        v_cache.scatter_set(&plan.write_index, &v, 0)?;
+        // Narrowed to the cache's dtype where it is a 16-bit one (a no-op otherwise).
+        k_cache.scatter_set(&plan.write_index, &k.to_dtype(k_cache.dtype())?, 0)?;
+        v_cache.scatter_set(&plan.write_index, &v.to_dtype(v_cache.dtype())?, 0)?;
 
         let out = match attention {
             AttentionPlan::CpuInPlace => self.attend_cpu(&q, plan, cache)?,
@@ -222,7 +223,11 @@ impl Attention {
         let (ctx, hd) = (slice.start + slice.len, self.head_dim);
         let groups = self.num_heads / self.num_kv_heads;
         let gather = |cache: &Tensor| -> Result<Tensor> {
-            let x = cache.index_select(slots, 0)?.transpose(0, 1)?; // [kv_heads, ctx, hd]
+            // [kv_heads, ctx, hd], widened to the compute dtype where the cache is narrower.
+            let x = cache
+                .index_select(slots, 0)?
+                .to_dtype(q.dtype())?
+                .transpose(0, 1)?;
             let x = x
                 .unsqueeze(1)?
                 .broadcast_as((self.num_kv_heads, groups, ctx, hd))?

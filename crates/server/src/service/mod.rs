@@ -90,7 +90,7 @@ where
     let layout = shape.kv_cache.layout(
         &loaded.model.config().llm,
         loaded.model.device(),
-        loaded.model.dtype(),
+        loaded.model.kv_dtype(),
         shape.block_size,
         max_model_len,
     )?;

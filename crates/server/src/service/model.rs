@@ -25,6 +25,8 @@ pub struct ModelSource {
     pub attention: AttentionChoice,
     /// Linear layers quantized at load (`--quantize`, `--quantize-vision`).
     pub quantization: Quantization,
+    /// The KV cache's dtype (`--kv-cache-dtype`); `None`: the compute dtype.
+    pub kv_dtype: Option<DType>,
 }
 
 /// Whether loading reports its progress.
@@ -42,15 +44,7 @@ impl ModelSource {
             Progress::Quiet => None,
             Progress::Shown => Some(load_progress()),
         };
-        let loaded = load_model(
-            &self.dir,
-            self.random_weights.as_deref(),
-            &self.device,
-            self.dtype,
-            self.attention,
-            self.quantization,
-            report,
-        )?;
+        let loaded = load_model(self, report)?;
         if progress == Progress::Shown && std::io::stderr().is_terminal() {
             // Ends the live progress line.
             eprintln!();

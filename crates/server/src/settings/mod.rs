@@ -11,7 +11,9 @@ mod sizes;
 pub use origins::AllowedOrigins;
 pub use sizes::KvCacheMemory;
 
+use crate::device::parse_dtype;
 use anyhow::{bail, Context};
+use candle_core::DType;
 use internvl_model::quant::{parse_quant, Quantization};
 use internvl_model::AttentionChoice;
 use serde::Deserialize;
@@ -110,6 +112,9 @@ settings! {
     /// Quantize the vision encoder's linear layers while loading: none or q8_0 (its
     /// 3200-wide rows take no k-quant; one asked for falls back per layer).
     quantize_vision: String, env = "INTERNVL_QUANTIZE_VISION", default = "none";
+    /// KV-cache element type: auto (the compute dtype), or f16 or bf16 on the CPU (half the
+    /// bytes decode attention reads, and twice the tokens per --kv-cache-memory).
+    kv_cache_dtype: String, env = "INTERNVL_KV_CACHE_DTYPE", default = "auto";
     /// Most sequences in one engine step.
     max_num_seqs: usize, env = "INTERNVL_MAX_NUM_SEQS", default = defaults::MAX_NUM_SEQS;
     /// Most tokens in one engine step.
@@ -210,6 +215,8 @@ pub struct Settings {
     pub dtype: String,
     pub attention: AttentionChoice,
     pub quantization: Quantization,
+    /// `None`: the compute dtype.
+    pub kv_cache_dtype: Option<DType>,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub max_model_len: Option<usize>,
@@ -289,6 +296,8 @@ impl Settings {
                 vision: parse_quant(a.quantize_vision.as_deref().unwrap_or("none"))
                     .context("quantize_vision")?,
             },
+            kv_cache_dtype: parse_dtype(a.kv_cache_dtype.as_deref().unwrap_or("auto"))
+                .context("kv_cache_dtype")?,
             max_num_seqs: positive(
                 "max_num_seqs",
                 a.max_num_seqs.unwrap_or(defaults::MAX_NUM_SEQS),
@@ -546,6 +555,15 @@ mod tests {
         assert_eq!(s.quantization.vision, None);
         let s = Settings::resolve(ServeArgs::default(), PathBuf::new()).unwrap();
         assert_eq!(s.quantization, Default::default());
+        let cli = Cli::parse_from(["x", "--kv-cache-dtype", "bf16"]);
+        let s = Settings::resolve(cli.args, PathBuf::new()).unwrap();
+        assert_eq!(s.kv_cache_dtype, Some(DType::BF16));
+        let cli = Cli::parse_from(["x", "--kv-cache-dtype", "int8"]);
+        let err = format!(
+            "{:#}",
+            Settings::resolve(cli.args, PathBuf::new()).unwrap_err()
+        );
+        assert!(err.contains("kv_cache_dtype"), "{err}");
         let cli = Cli::parse_from(["x", "--quantize", "q3"]);
         let err = format!(
             "{:#}",

@@ -49,6 +49,7 @@ pub fn demo_source() -> ModelSource {
         dtype: None,
         attention: AttentionChoice::Auto,
         quantization: Default::default(),
+        kv_dtype: None,
     }
 }
 
