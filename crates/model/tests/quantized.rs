@@ -18,7 +18,7 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::*;
 use internvl_model::quant::{Quantization, WeightQuant};
-use internvl_model::{LoadedModel, PagedKvCache, SequenceSlice};
+use internvl_model::LoadedModel;
 use std::path::Path;
 
 const STEPS: usize = 32;
@@ -31,45 +31,10 @@ fn teacher_forced(
     images: Option<&Tensor>,
     tokens: &[u32],
 ) -> Vec<Vec<f64>> {
-    let model = &loaded.model;
-    let block_size = 16;
-    let mut cache: PagedKvCache = model
-        .new_kv_cache(
-            (prompt.len() + tokens.len()).div_ceil(block_size),
-            block_size,
-        )
-        .unwrap();
-    let table: Vec<u32> = (0..cache.num_blocks() as u32).collect();
-    let slice = |start, len| SequenceSlice {
-        start,
-        len,
-        block_table: table.clone(),
-        wants_logits: true,
-    };
-    let mut logits = model
-        .forward(
-            &model.embed(prompt, images).unwrap(),
-            &[slice(0, prompt.len())],
-            &mut cache,
-        )
-        .unwrap();
-    let mut steps = Vec::new();
-    for (i, &token) in tokens.iter().enumerate() {
-        steps.push(log_softmax(
-            &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        ));
-        if i + 1 == tokens.len() {
-            break;
-        }
-        logits = model
-            .forward(
-                &model.embed(&[token], None).unwrap(),
-                &[slice(prompt.len() + i, 1)],
-                &mut cache,
-            )
-            .unwrap();
-    }
-    steps
+    run_steps(loaded, prompt, images, tokens.len(), |step, _| tokens[step])
+        .iter()
+        .map(|l| log_softmax(&l.to_vec1::<f32>().unwrap()))
+        .collect()
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f64> {

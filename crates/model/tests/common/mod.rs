@@ -138,13 +138,16 @@ pub fn errors(ours: &Tensor, reference: &Tensor) -> (f32, f32) {
     (max_abs, max_abs / scale.max(f32::MIN_POSITIVE))
 }
 
-/// Greedy generation of `steps` tokens for one sequence, alone in its own cache.
-pub fn greedy(
+/// `steps` steps of `loaded` on the prompt `ids` (with `images`' embeddings): the logits
+/// [vocab] of each step's next token, each fed back as `next(step, &logits)` chooses (the
+/// last step's choice is not fed).
+pub fn run_steps(
     loaded: &LoadedModel,
     ids: &[u32],
     images: Option<&Tensor>,
     steps: usize,
-) -> (Tensor, Vec<u32>) {
+    mut next: impl FnMut(usize, &Tensor) -> u32,
+) -> Vec<Tensor> {
     let model = &loaded.model;
     let block_size = 16;
     let mut cache: PagedKvCache = model
@@ -158,27 +161,40 @@ pub fn greedy(
         wants_logits: true,
     };
     let embeds = model.embed(ids, images).unwrap();
-    let first = model
+    let mut logits = model
         .forward(&embeds, &[slice(0, ids.len())], &mut cache)
+        .unwrap()
+        .squeeze(0)
         .unwrap();
-    let mut logits = first.clone();
-    let mut tokens = Vec::new();
+    let mut all = Vec::with_capacity(steps);
     for step in 0..steps {
-        let token: u32 = logits
-            .squeeze(0)
-            .unwrap()
-            .argmax(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        tokens.push(token);
+        let token = next(step, &logits);
+        all.push(logits);
         if step + 1 == steps {
             break;
         }
         let embeds = model.embed(&[token], None).unwrap();
         logits = model
             .forward(&embeds, &[slice(ids.len() + step, 1)], &mut cache)
+            .unwrap()
+            .squeeze(0)
             .unwrap();
     }
-    (first.squeeze(0).unwrap(), tokens)
+    all
+}
+
+/// Greedy decoding of `steps` tokens: the first position's logits [vocab] and the tokens.
+pub fn greedy(
+    loaded: &LoadedModel,
+    ids: &[u32],
+    images: Option<&Tensor>,
+    steps: usize,
+) -> (Tensor, Vec<u32>) {
+    let mut tokens = Vec::new();
+    let logits = run_steps(loaded, ids, images, steps, |_, logits| {
+        let token: u32 = logits.argmax(0).unwrap().to_scalar().unwrap();
+        tokens.push(token);
+        token
+    });
+    (logits[0].clone(), tokens)
 }
