@@ -126,10 +126,9 @@ pub async fn decompress(
             return ApiError::internal(format!("inflating a body crashed: {e}")).into_response()
         }
     };
-    let mut request = without_encoding(Request::from_parts(parts, Body::from(bytes.clone())));
-    request
-        .headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let length = HeaderValue::from(bytes.len());
+    let mut request = without_encoding(Request::from_parts(parts, Body::from(bytes)));
+    request.headers_mut().insert(header::CONTENT_LENGTH, length);
     next.run(request).await
 }
 
@@ -150,12 +149,9 @@ fn inflate(encoding: Encoding, compressed: &[u8], limit: usize) -> Result<Bytes,
         Encoding::Gzip => Box::new(MultiGzDecoder::new(compressed)),
         Encoding::Deflate => Box::new(ZlibDecoder::new(compressed)),
     };
-    let mut out = Vec::with_capacity(
-        compressed
-            .len()
-            .saturating_mul(4)
-            .clamp(CHUNK, limit.max(1)),
-    );
+    // A first guess of four times the compressed size, at least a chunk, at most the limit
+    // (which may be smaller than a chunk).
+    let mut out = Vec::with_capacity(compressed.len().saturating_mul(4).max(CHUNK).min(limit));
     let mut chunk = vec![0u8; CHUNK];
     loop {
         let n = reader
@@ -228,5 +224,14 @@ mod tests {
             inflate(Encoding::Deflate, &gzip(b"zlib"), limit),
             Err(Inflate::Corrupt(_))
         ));
+        // A limit below one chunk (--max-body-bytes 1000) bounds the first guess too.
+        assert_eq!(
+            &inflate(Encoding::Gzip, &gzip(b"{}"), 1000).unwrap()[..],
+            b"{}"
+        );
+        assert_eq!(
+            inflate(Encoding::Gzip, &gzip(&[b' '; 1001]), 1000),
+            Err(Inflate::TooLarge)
+        );
     }
 }
