@@ -41,9 +41,11 @@ impl LinearKind {
     }
 }
 
-/// Rows from which a quantized layer multiplies through its weight dequantized rather than
-/// through ggml's integer dot products: a prefill chunk, not a decode batch.
-const DENSE_ROWS: usize = 64;
+/// Rows from which a quantized layer on the CPU multiplies through its weight dequantized
+/// rather than through ggml's integer dot products: a prefill chunk, not a decode batch
+/// (measured there: the f32 GEMM wins at many rows). On CUDA candle's quantized matmul has
+/// tiled kernels of its own for many rows, so it keeps them.
+const CPU_DENSE_ROWS: usize = 64;
 
 /// A weight in the form its [`LinearKind`] keeps.
 #[derive(Debug, Clone)]
@@ -52,8 +54,9 @@ enum Weight {
     InOut(Tensor),
     /// [out, in].
     AsLoaded(Tensor),
-    /// [out, in] in ggml blocks along `in`; multiplies f32 activations.
-    Quantized(QMatMul),
+    /// [out, in] in ggml blocks along `in`; multiplies f32 activations, or, from
+    /// `dense_rows` rows on, through the weight dequantized.
+    Quantized { matmul: QMatMul, dense_rows: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -78,7 +81,13 @@ impl Linear {
                             );
                         }
                         let q = QTensor::quantize(&weight, quant.ggml())?;
-                        Weight::Quantized(QMatMul::from_qtensor(q)?)
+                        Weight::Quantized {
+                            matmul: QMatMul::from_qtensor(q)?,
+                            dense_rows: match kind.layout {
+                                DenseLayout::InOut => CPU_DENSE_ROWS,
+                                DenseLayout::AsLoaded => usize::MAX,
+                            },
+                        }
                     }
                     None => {
                         tracing::info!(
@@ -103,7 +112,10 @@ impl Linear {
         let y = match &self.weight {
             Weight::InOut(w) => x.matmul(w)?,
             Weight::AsLoaded(w) => x.matmul(&w.t()?)?,
-            Weight::Quantized(w) if rows >= DENSE_ROWS => {
+            Weight::Quantized {
+                matmul: w,
+                dense_rows,
+            } if rows >= *dense_rows => {
                 // A prefill's rows: the weight dequantized for one dense matmul, which the
                 // device runs far faster than the integer dot products when there are many
                 // rows (the weight's bytes are read once either way).
@@ -113,7 +125,7 @@ impl Linear {
                 };
                 x.matmul(&w.to_dtype(x.dtype())?.t()?)?
             }
-            Weight::Quantized(w) => {
+            Weight::Quantized { matmul: w, .. } => {
                 // ggml's kernels take f32 activations; bf16 ones are widened and the result
                 // narrowed back.
                 let dtype = x.dtype();
@@ -215,32 +227,37 @@ mod tests {
         let (out_dim, in_dim) = (48, 512);
         let w = Tensor::randn(0f32, 1.0, (out_dim, in_dim), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, out_dim, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (3, in_dim), &dev).unwrap();
-        let expected = product(&w, &b, &x);
         let scale = (in_dim as f32).sqrt();
-        let mut last = 0f32;
-        // The largest error over the outputs, per √in (the outputs' scale): twice what was
-        // measured here (q8_0 0.027, q6k 0.059, q4k 0.31; the activations are quantized too).
-        for (quant, bound) in [
-            (WeightQuant::Q8_0, 0.06f32),
-            (WeightQuant::Q6K, 0.12),
-            (WeightQuant::Q4K, 0.6),
-        ] {
-            let kind = LinearKind {
-                layout: DenseLayout::InOut,
-                quant: Some(quant),
-            };
-            let ours = Linear::new(w.clone(), Some(b.clone()), kind, "t")
-                .unwrap()
-                .forward(&x)
-                .unwrap();
-            let error = crate::test_util::max_difference(&ours, &expected) / scale;
-            assert!(error < bound, "{quant}: {error}");
-            assert!(
-                error > last,
-                "{quant} is coarser than the type before: {error} vs {last}"
-            );
-            last = error;
+        // 3 rows go through ggml's integer dot products, 100 (a prefill chunk) through the
+        // weight dequantized.
+        for rows in [3, 100] {
+            let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev).unwrap();
+            let expected = product(&w, &b, &x);
+            let mut last = 0f32;
+            // The largest error over the outputs, per √in (the outputs' scale): twice what was
+            // measured here (q8_0 0.027, q6k 0.059, q4k 0.31 at 3 rows; the activations are
+            // quantized too there).
+            for (quant, bound) in [
+                (WeightQuant::Q8_0, 0.06f32),
+                (WeightQuant::Q6K, 0.12),
+                (WeightQuant::Q4K, 0.6),
+            ] {
+                let kind = LinearKind {
+                    layout: DenseLayout::InOut,
+                    quant: Some(quant),
+                };
+                let ours = Linear::new(w.clone(), Some(b.clone()), kind, "t")
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap();
+                let error = crate::test_util::max_difference(&ours, &expected) / scale;
+                assert!(error < bound, "{quant}, {rows} rows: {error}");
+                assert!(
+                    error > last,
+                    "{quant} is coarser than the type before: {error} vs {last}"
+                );
+                last = error;
+            }
         }
         // 100 takes no 32-element blocks: dense, exact.
         let w = Tensor::randn(0f32, 1.0, (4, 100), &dev).unwrap();
