@@ -18,7 +18,7 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::*;
 use internvl_model::quant::{Quantization, WeightQuant};
-use internvl_model::LoadedModel;
+use internvl_model::{Backends, LoadedModel};
 use std::path::Path;
 
 const STEPS: usize = 32;
@@ -119,23 +119,28 @@ fn measure(
     }
 }
 
-/// The bound of `llm` (and `vision`) quantization: at least `min_identical` cases greedy
-/// identical, top-5 logprob errors at most `max_error` and `mean_error`.
-fn bound(
-    llm: WeightQuant,
-    vision: Option<WeightQuant>,
-    min_identical: usize,
-    max_error: f64,
-    mean_error: f64,
-) -> Bound {
-    Bound {
-        quantization: Quantization {
-            llm: Some(llm),
-            vision,
-        },
-        min_identical,
-        max_error,
-        mean_error,
+/// What a run changes from f32: the weights' quantization, or the KV cache's dtype.
+#[derive(Clone, Copy)]
+enum Variant {
+    Weights(Quantization),
+    KvCache(DType),
+}
+
+impl Variant {
+    fn backends(self) -> Backends {
+        match self {
+            Variant::Weights(q) => cpu_backends(None).with_quantization(q),
+            Variant::KvCache(dtype) => cpu_backends(None).with_kv_dtype(Some(dtype)).unwrap(),
+        }
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Variant::Weights(q) => write!(f, "{q}"),
+            Variant::KvCache(dtype) => write!(f, "KV cache {}", dtype.as_str()),
+        }
     }
 }
 
@@ -145,20 +150,52 @@ fn bound(
 /// rounding. (The bench shape's random weights give flat distributions whose greedy choice
 /// flips at the smallest change: none of its cases stays identical, even at q8_0.)
 struct Bound {
-    quantization: Quantization,
+    variant: Variant,
     min_identical: usize,
     max_error: f64,
     mean_error: f64,
 }
 
+/// The bound of `llm` (and `vision`) quantization: at least `min_identical` cases greedy
+/// identical, top-5 logprob errors at most `max_error` and `mean_error`.
+fn bound(
+    llm: WeightQuant,
+    vision: Option<WeightQuant>,
+    min_identical: usize,
+    max_error: f64,
+    mean_error: f64,
+) -> Bound {
+    let quantization = Quantization {
+        llm: Some(llm),
+        vision,
+    };
+    Bound {
+        variant: Variant::Weights(quantization),
+        min_identical,
+        max_error,
+        mean_error,
+    }
+}
+
+/// The same for a KV cache of `dtype`.
+fn kv_bound(dtype: DType, min_identical: usize, max_error: f64, mean_error: f64) -> Bound {
+    Bound {
+        variant: Variant::KvCache(dtype),
+        min_identical,
+        max_error,
+        mean_error,
+    }
+}
+
+/// Each bound's variant, built by `load` from its backends, against `f32_model` along the f32
+/// greedy path of each prompt.
 fn check(
     label: &str,
     f32_model: &LoadedModel,
-    load: impl Fn(Quantization) -> LoadedModel,
+    load: impl Fn(&Backends) -> LoadedModel,
     prompts: &[Prompt],
     bounds: &[Bound],
 ) {
-    // The f32 greedy path of each prompt: what every quantization is held to.
     let paths: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
@@ -172,28 +209,19 @@ fn check(
         })
         .collect();
     for bound in bounds {
-        println!("{label}, {}:", bound.quantization);
-        let model = load(bound.quantization);
-        let f = measure(f32_model, &model, prompts, &paths);
+        let variant = bound.variant;
+        println!("{label}, {variant}:");
+        let f = measure(f32_model, &load(&variant.backends()), prompts, &paths);
         println!(
-            "{label}, {}: greedy identical {}/{}, first divergence {:?}, top-5 logprob error max {:.4} mean {:.5}",
-            bound.quantization, f.identical, f.cases, f.first_divergence, f.max_error, f.mean_error
+            "{label}, {variant}: greedy identical {}/{}, first divergence {:?}, top-5 logprob error max {:.5} mean {:.6}",
+            f.identical, f.cases, f.first_divergence, f.max_error, f.mean_error
         );
         assert!(
             f.identical >= bound.min_identical,
-            "{label} {}: {f:?}",
-            bound.quantization
+            "{label} {variant}: {f:?}"
         );
-        assert!(
-            f.max_error <= bound.max_error,
-            "{label} {}: {f:?}",
-            bound.quantization
-        );
-        assert!(
-            f.mean_error <= bound.mean_error,
-            "{label} {}: {f:?}",
-            bound.quantization
-        );
+        assert!(f.max_error <= bound.max_error, "{label} {variant}: {f:?}");
+        assert!(f.mean_error <= bound.mean_error, "{label} {variant}: {f:?}");
     }
 }
 
@@ -232,13 +260,10 @@ fn quantized_demo_checkpoint_stays_near_the_reference() {
         .1;
         assert_eq!(&ours[..], &tokens[..STEPS], "{}", p.name);
     }
-    let load = |q: Quantization| {
-        LoadedModel::load(&demo_dir(), &cpu_backends(None).with_quantization(q)).unwrap()
-    };
     check(
         "demo",
         &f32_model,
-        load,
+        |backends| LoadedModel::load(&demo_dir(), backends).unwrap(),
         &prompts,
         &[
             bound(WeightQuant::Q8_0, None, 5, 6.9, 1.0),
@@ -275,17 +300,12 @@ fn bench_config(dir: &Path) -> std::path::PathBuf {
 fn quantized_bench_shape_stays_near_f32() {
     let dir = tempfile::tempdir().unwrap();
     let config = bench_config(dir.path());
-    let load = |q: Quantization| {
-        LoadedModel::load_random(
-            &config,
-            &demo_dir(),
-            &cpu_backends(None).with_quantization(q),
-            0,
-        )
-        .unwrap()
-        .0
+    let load = |backends: &Backends| {
+        LoadedModel::load_random(&config, &demo_dir(), backends, 0)
+            .unwrap()
+            .0
     };
-    let f32_model = load(Quantization::default());
+    let f32_model = load(&cpu_backends(None));
     let (prompts, _) = reference_prompts();
     check(
         "bench shape",
@@ -301,69 +321,36 @@ fn quantized_bench_shape_stays_near_f32() {
     );
 }
 
-/// A 16-bit KV cache (`--kv-cache-dtype`) against the f32 one, measured as the quantized
-/// weights are: `bounds` are (dtype, greedy cases identical at least, max and mean top-5
-/// logprob error at most), each measured figure with a margin of a half.
-fn check_kv(
-    label: &str,
-    f32_model: &LoadedModel,
-    load: impl Fn(DType) -> LoadedModel,
-    prompts: &[Prompt],
-    bounds: &[(DType, usize, f64, f64)],
-) {
-    let paths: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| {
-            greedy(
-                f32_model,
-                &p.ids,
-                image_rows(f32_model, &p.images).as_ref(),
-                STEPS,
-            )
-            .1
-        })
-        .collect();
-    for &(dtype, min_identical, max_error, mean_error) in bounds {
-        let f = measure(f32_model, &load(dtype), prompts, &paths);
-        println!(
-            "{label}, KV cache {dtype:?}: greedy identical {}/{}, first divergence {:?}, top-5 logprob error max {:.5} mean {:.6}",
-            f.identical, f.cases, f.first_divergence, f.max_error, f.mean_error
-        );
-        assert!(f.identical >= min_identical, "{label} {dtype:?}: {f:?}");
-        assert!(f.max_error <= max_error, "{label} {dtype:?}: {f:?}");
-        assert!(f.mean_error <= mean_error, "{label} {dtype:?}: {f:?}");
-    }
-}
-
+/// A 16-bit KV cache (`--kv-cache-dtype`) against the f32 one, measured and bounded as the
+/// quantized weights are.
 #[test]
 fn sixteen_bit_kv_caches_stay_near_f32() {
     let (prompts, _) = reference_prompts();
-    let kv = |dtype: DType| cpu_backends(None).with_kv_dtype(Some(dtype)).unwrap();
-    check_kv(
+    check(
         "demo",
         &load_demo(),
-        |dtype| LoadedModel::load(&demo_dir(), &kv(dtype)).unwrap(),
+        |backends| LoadedModel::load(&demo_dir(), backends).unwrap(),
         &prompts,
         &[
-            (DType::F16, 5, 0.045, 0.0043),
-            (DType::BF16, 5, 0.42, 0.037),
+            kv_bound(DType::F16, 5, 0.045, 0.0043),
+            kv_bound(DType::BF16, 5, 0.42, 0.037),
         ],
     );
     let dir = tempfile::tempdir().unwrap();
     let config = bench_config(dir.path());
-    let random = |backends: &internvl_model::Backends| {
+    let random = |backends: &Backends| {
         LoadedModel::load_random(&config, &demo_dir(), backends, 0)
             .unwrap()
             .0
     };
-    check_kv(
+    check(
         "bench shape",
         &random(&cpu_backends(None)),
-        |dtype| random(&kv(dtype)),
+        random,
         &prompts,
         &[
-            (DType::F16, 5, 0.0024, 0.00029),
-            (DType::BF16, 4, 0.022, 0.0028),
+            kv_bound(DType::F16, 5, 0.0024, 0.00029),
+            kv_bound(DType::BF16, 4, 0.022, 0.0028),
         ],
     );
 }
