@@ -34,6 +34,7 @@ mod random_weights;
 mod test_util;
 pub mod tokenizer;
 mod vision;
+mod vnni_weight;
 pub mod weights;
 
 pub use attention_backend::{AttentionBackend, AttentionChoice, UnknownAttention};

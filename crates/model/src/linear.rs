@@ -7,9 +7,13 @@
 //! [in, out] rows. So on the CPU each dense weight is transposed once, at load; elsewhere
 //! (cuBLAS reads either layout at full speed) it stays as loaded. A quantized weight is
 //! quantized from the loaded tensor, which is then dropped: the model is never held whole
-//! unquantized. [`LinearKind`], chosen with the model's backends, says which.
+//! unquantized. On a CPU with AVX-512 VNNI a q4k or q8_0 weight is then packed into the tiles
+//! of [`VnniWeight`], its only copy, and multiplied there at any count of rows; other types,
+//! and other CPUs, keep candle's quantized matmul. [`LinearKind`], chosen with the model's
+//! backends, says which.
 
 use crate::quant::WeightQuant;
+use crate::vnni_weight::{self, VnniWeight};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -57,6 +61,10 @@ enum Weight {
     /// [out, in] in ggml blocks along `in`; multiplies f32 activations, or, from
     /// `dense_rows` rows on, through the weight dequantized.
     Quantized { matmul: QMatMul, dense_rows: usize },
+    /// q4k or q8_0 in VNNI tiles (the CPU's, where it has the instructions): multiplies every
+    /// count of rows itself, since on this CPU its integer dot products outran the f32 GEMM
+    /// at 1 to 256 rows (`docs/benchmarks.md`).
+    Packed(VnniWeight),
 }
 
 #[derive(Debug, Clone)]
@@ -81,11 +89,19 @@ impl Linear {
                             );
                         }
                         let q = QTensor::quantize(&weight, quant.ggml())?;
-                        Weight::Quantized {
-                            matmul: QMatMul::from_qtensor(q)?,
-                            dense_rows: match kind.layout {
-                                DenseLayout::InOut => CPU_DENSE_ROWS,
-                                DenseLayout::AsLoaded => usize::MAX,
+                        drop(weight);
+                        let packed = match kind.layout {
+                            DenseLayout::InOut if vnni_weight::available() => VnniWeight::pack(&q)?,
+                            _ => None,
+                        };
+                        match packed {
+                            Some(packed) => Weight::Packed(packed),
+                            None => Weight::Quantized {
+                                matmul: QMatMul::from_qtensor(q)?,
+                                dense_rows: match kind.layout {
+                                    DenseLayout::InOut => CPU_DENSE_ROWS,
+                                    DenseLayout::AsLoaded => usize::MAX,
+                                },
                             },
                         }
                     }
@@ -124,6 +140,12 @@ impl Linear {
                     QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
                 };
                 x.matmul(&w.to_dtype(x.dtype())?.t()?)?
+            }
+            Weight::Packed(w) => {
+                let dtype = x.dtype();
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let y = w.matmul(&xs, rows);
+                Tensor::from_vec(y, (rows, w.out_dim()), x.device())?.to_dtype(dtype)?
             }
             Weight::Quantized { matmul: w, .. } => {
                 // ggml's kernels take f32 activations; bf16 ones are widened and the result
@@ -228,8 +250,8 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (out_dim, in_dim), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, out_dim, &dev).unwrap();
         let scale = (in_dim as f32).sqrt();
-        // 3 rows go through ggml's integer dot products, 100 (a prefill chunk) through the
-        // weight dequantized.
+        // 3 rows (a decode batch) and 100 (a prefill chunk): candle's q6k multiplies the
+        // latter through its weight dequantized.
         for rows in [3, 100] {
             let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev).unwrap();
             let expected = product(&w, &b, &x);
@@ -246,10 +268,15 @@ mod tests {
                     layout: DenseLayout::InOut,
                     quant: Some(quant),
                 };
-                let ours = Linear::new(w.clone(), Some(b.clone()), kind, "t")
-                    .unwrap()
-                    .forward(&x)
-                    .unwrap();
+                let linear = Linear::new(w.clone(), Some(b.clone()), kind, "t").unwrap();
+                // The VNNI tiles take q4k and q8_0 where the CPU has the instructions; q6k
+                // (and every type elsewhere) stays candle's.
+                assert_eq!(
+                    matches!(linear.weight, Weight::Packed(_)),
+                    vnni_weight::available() && quant != WeightQuant::Q6K,
+                    "{quant}"
+                );
+                let ours = linear.forward(&x).unwrap();
                 let error = crate::test_util::max_difference(&ours, &expected) / scale;
                 assert!(error < bound, "{quant}, {rows} rows: {error}");
                 assert!(

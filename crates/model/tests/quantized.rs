@@ -266,10 +266,10 @@ fn quantized_demo_checkpoint_stays_near_the_reference() {
         |backends| LoadedModel::load(&demo_dir(), backends).unwrap(),
         &prompts,
         &[
-            bound(WeightQuant::Q8_0, None, 5, 6.9, 1.0),
-            bound(WeightQuant::Q6K, None, 5, 6.9, 1.0),
-            bound(WeightQuant::Q4K, None, 3, 24.2, 3.3),
-            bound(WeightQuant::Q4K, Some(WeightQuant::Q8_0), 3, 24.2, 3.3),
+            bound(WeightQuant::Q8_0, None, 4, 7.5, 1.0),
+            bound(WeightQuant::Q6K, None, 4, 7.5, 1.0),
+            bound(WeightQuant::Q4K, None, 3, 25.1, 3.3),
+            bound(WeightQuant::Q4K, Some(WeightQuant::Q8_0), 3, 25.1, 3.3),
         ],
     );
 }
@@ -315,8 +315,8 @@ fn quantized_bench_shape_stays_near_f32() {
         &[
             bound(WeightQuant::Q8_0, None, 0, 0.17, 0.04),
             bound(WeightQuant::Q6K, None, 0, 0.34, 0.085),
-            bound(WeightQuant::Q4K, None, 0, 1.8, 0.43),
-            bound(WeightQuant::Q4K, Some(WeightQuant::Q8_0), 0, 1.8, 0.43),
+            bound(WeightQuant::Q4K, None, 0, 1.85, 0.43),
+            bound(WeightQuant::Q4K, Some(WeightQuant::Q8_0), 0, 1.85, 0.43),
         ],
     );
 }
