@@ -142,6 +142,9 @@ impl Linear {
                 x.matmul(&w.to_dtype(x.dtype())?.t()?)?
             }
             Weight::Packed(w) => {
+                if in_dim != w.in_dim() {
+                    candle_core::bail!("input of {in_dim} for a weight of {}", w.in_dim());
+                }
                 let dtype = x.dtype();
                 let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let y = w.matmul(&xs, rows);

@@ -6,7 +6,8 @@
 //! the cache has no switch, so a q4k model takes 2.3 times its size (the 13 B decoder: 7.1 GB
 //! of blocks and 9.5 GB of tiles), which puts the full model past a 24 GB machine. Here the
 //! tiles are the only copy: built from ggml's blocks while loading (the blocks are then
-//! dropped), multiplied directly, and dequantized from for a dense matmul where that is faster.
+//! dropped) and multiplied directly at every count of rows, prefill chunks included (on this
+//! project's CPUs the integer dot products outran the f32 GEMM up to 256 rows and more).
 //!
 //! The values are ggml's exactly (each weight's 4- or 8-bit code and its block's scale and
 //! minimum, multiplied out to f32 as ggml's dequantization does), so [`VnniWeight::dequantize`]
@@ -31,6 +32,8 @@ const TILE: usize = 16;
 const BLOCK: usize = 32;
 /// Activation rows multiplied against a tile at once (their accumulators stay in registers).
 const MAX_ROWS: usize = 8;
+/// Rows whose activations are kept in cache while every tile passes over them.
+const ROW_BLOCK: usize = 64;
 const Q4K_BLOCK_BYTES: usize = 144;
 const Q8_0_BLOCK_BYTES: usize = 34;
 
@@ -205,6 +208,10 @@ impl VnniWeight {
         self.out_dim
     }
 
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
     /// Bytes held: the codes and the scales.
     #[cfg(test)]
     fn size_in_bytes(&self) -> usize {
@@ -249,6 +256,12 @@ impl VnniWeight {
 
     /// `x` [rows, in] (f32, row-major) times the weight's transpose: [rows, out].
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        // The kernel's instructions exist only where `available()` said so; `Linear` packs only
+        // there, and this keeps any other caller from reaching them elsewhere.
+        assert!(
+            available(),
+            "VNNI tiles multiplied on a CPU without AVX-512 VNNI"
+        );
         assert_eq!(
             x.len(),
             rows * self.in_dim,
@@ -259,18 +272,30 @@ impl VnniWeight {
         let n = self.out_dim;
         let mut out = vec![0f32; rows * n];
         let chunks = rows.div_ceil(MAX_ROWS);
+        let tiles = n / TILE;
+        let block_chunks = ROW_BLOCK / MAX_ROWS;
+        let row_blocks = chunks.div_ceil(block_chunks);
         let dst = SharedOut(out.as_mut_ptr());
-        // Tile-major: the chunks of rows that share a tile run one after another, while its
-        // codes are in cache.
-        (0..n / TILE * chunks)
+        // Blocks of up to ROW_BLOCK rows, and within one, tile-major: the chunks of rows that
+        // share a tile run one after another while its codes are in cache, and a block's
+        // activations stay in cache across the tiles (a prefill chunk's thousand rows would
+        // not).
+        (0..row_blocks * tiles * block_chunks)
             .into_par_iter()
             .with_min_len(4)
             .for_each(|unit| {
-                let (tile, chunk) = (unit / chunks, unit % chunks);
+                let (row_block, within) =
+                    (unit / (tiles * block_chunks), unit % (tiles * block_chunks));
+                let (tile, chunk) = (
+                    within / block_chunks,
+                    row_block * block_chunks + within % block_chunks,
+                );
+                if chunk >= chunks {
+                    return;
+                }
                 let first = chunk * MAX_ROWS;
                 let count = (rows - first).min(MAX_ROWS);
-                // SAFETY: `available()` was checked when the weight was chosen for this path
-                // (VnniWeight is only built by `Linear` after it); each unit writes its own 16
+                // SAFETY: `available()` holds (asserted above); each unit writes its own 16
                 // columns of its own rows, inside `out`.
                 unsafe { x86::tile_rows(self, &acts, tile, first, count, &dst) };
             });
@@ -298,23 +323,31 @@ impl Activations {
         let mut codes = vec![0i8; rows * in_dim];
         let mut scale = vec![0f32; rows * blocks];
         let mut scaled_sum = vec![0f32; rows * blocks];
-        for ((x, codes), (scale, scaled_sum)) in x
-            .chunks_exact(BLOCK)
-            .zip(codes.chunks_exact_mut(BLOCK))
-            .zip(scale.iter_mut().zip(scaled_sum.iter_mut()))
-        {
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (c, v) in codes.iter_mut().zip(x) {
-                let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                *c = q;
-                sum += q as i32;
-            }
-            *scale = d;
-            *scaled_sum = d * sum as f32;
-        }
+        // One row per task: a prefill chunk's thousands of rows are spread over the threads.
+        x.par_chunks(in_dim.max(1))
+            .zip(codes.par_chunks_mut(in_dim.max(1)))
+            .zip(scale.par_chunks_mut(blocks.max(1)))
+            .zip(scaled_sum.par_chunks_mut(blocks.max(1)))
+            .with_min_len(8)
+            .for_each(|(((x, codes), scale), scaled_sum)| {
+                for ((x, codes), (scale, scaled_sum)) in x
+                    .chunks_exact(BLOCK)
+                    .zip(codes.chunks_exact_mut(BLOCK))
+                    .zip(scale.iter_mut().zip(scaled_sum.iter_mut()))
+                {
+                    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 127.0;
+                    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    let mut sum = 0i32;
+                    for (c, v) in codes.iter_mut().zip(x) {
+                        let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                        *c = q;
+                        sum += q as i32;
+                    }
+                    *scale = d;
+                    *scaled_sum = d * sum as f32;
+                }
+            });
         Self {
             codes,
             scale,
@@ -496,7 +529,8 @@ mod tests {
             let q = QTensor::quantize(&weight(out_dim, in_dim), dtype).unwrap();
             let packed = VnniWeight::pack(&q).unwrap().unwrap();
             let w = Tensor::from_vec(packed.dequantize(), (in_dim, out_dim), &Device::Cpu).unwrap();
-            for rows in [1, 2, 3, 5, 8, 9, 17, 64] {
+            assert!(packed.matmul(&[], 0).is_empty());
+            for rows in [1, 2, 3, 5, 8, 9, 17, 64, 130] {
                 let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &Device::Cpu).unwrap();
                 let expected: Vec<f32> = x
                     .matmul(&w)
