@@ -360,6 +360,11 @@ fn combinatorial_schema() -> Value {
 /// combinations and under half a second for the enum with optimised dependencies.
 const HOSTILE_BOUND: Duration = Duration::from_secs(10);
 
+/// For the grammar too large to compile, which llguidance works on until its own limit trips:
+/// measured about 6 s alone on two cores, and 12.4 s beside this file's other tests on a host
+/// with 10-30 % of its CPU stolen. Still a bound: it fails if the refusal ever hangs.
+const HUGE_GRAMMAR_BOUND: Duration = Duration::from_secs(30);
+
 #[tokio::test]
 async fn a_hostile_schema_is_refused_quickly_while_a_plain_chat_runs() {
     let s = start().await;
@@ -660,7 +665,7 @@ async fn a_grammar_past_llguidance_limits_is_the_clients_error() {
         "guided_grammar",
         "too large or complex to compile",
     );
-    assert!(took < HOSTILE_BOUND, "answered in {took:?}");
+    assert!(took < HUGE_GRAMMAR_BOUND, "answered in {took:?}");
 
     let grammar = alternatives(2_500);
     let (status, body) = post(&s, &chat(json!({"guided_grammar": grammar}))).await;
