@@ -8,7 +8,7 @@
 
 use crate::attention_backend::{AttentionBackend, AttentionChoice};
 use crate::cpu_ops::Elementwise;
-use crate::linear::{DenseLayout, LinearKind};
+use crate::linear::{DenseLayout, LinearKind, QuantKernels};
 use crate::quant::{Quantization, WeightQuant};
 use candle_core::{DType, Device};
 
@@ -30,6 +30,7 @@ pub struct Backends {
     dtype: DType,
     attention: AttentionBackend,
     layout: DenseLayout,
+    quant_kernels: QuantKernels,
     quantization: Quantization,
     /// The KV cache's element type: the compute dtype unless `with_kv_dtype` says otherwise.
     kv_dtype: DType,
@@ -68,6 +69,11 @@ impl Backends {
                 DenseLayout::InOut
             } else {
                 DenseLayout::AsLoaded
+            },
+            quant_kernels: if cpu && crate::vnni_weight::available() {
+                QuantKernels::VnniTiles
+            } else {
+                QuantKernels::Candle
             },
             quantization: Quantization::default(),
             kv_dtype: dtype,
@@ -133,26 +139,25 @@ impl Backends {
 
     /// The language model's decoder layers.
     pub fn llm_linear(&self) -> LinearKind {
-        LinearKind {
-            layout: self.layout,
-            quant: self.quantization.llm,
-        }
+        self.quantized_linear(self.quantization.llm)
     }
 
     /// The LM head: at least q6k when the decoder layers are quantized
     /// ([`WeightQuant::for_lm_head`]).
     pub fn lm_head_linear(&self) -> LinearKind {
-        LinearKind {
-            layout: self.layout,
-            quant: self.quantization.llm.map(WeightQuant::for_lm_head),
-        }
+        self.quantized_linear(self.quantization.llm.map(WeightQuant::for_lm_head))
     }
 
     /// The vision encoder's layers.
     pub fn vision_linear(&self) -> LinearKind {
+        self.quantized_linear(self.quantization.vision)
+    }
+
+    fn quantized_linear(&self, quant: Option<WeightQuant>) -> LinearKind {
         LinearKind {
             layout: self.layout,
-            quant: self.quantization.vision,
+            quant,
+            kernels: self.quant_kernels,
         }
     }
 
@@ -213,6 +218,15 @@ mod tests {
             LinearKind::dense(DenseLayout::InOut)
         );
         assert_eq!(backends.llm_linear().quant, None);
+        // Quantized layers go to the VNNI tiles exactly where this CPU has the instructions.
+        let tiles = crate::vnni_weight::available();
+        for kind in [
+            backends.llm_linear(),
+            backends.lm_head_linear(),
+            backends.vision_linear(),
+        ] {
+            assert_eq!(kind.kernels == QuantKernels::VnniTiles, tiles);
+        }
         assert_eq!(backends.kv_dtype(), DType::F32);
         assert_eq!(backends.elementwise(), Elementwise::CpuF32);
     }

@@ -7,13 +7,13 @@
 //! [in, out] rows. So on the CPU each dense weight is transposed once, at load; elsewhere
 //! (cuBLAS reads either layout at full speed) it stays as loaded. A quantized weight is
 //! quantized from the loaded tensor, which is then dropped: the model is never held whole
-//! unquantized. On a CPU with AVX-512 VNNI a q4k or q8_0 weight is then packed into the tiles
-//! of [`VnniWeight`], its only copy, and multiplied there at any count of rows; other types,
-//! and other CPUs, keep candle's quantized matmul. [`LinearKind`], chosen with the model's
-//! backends, says which.
+//! unquantized. With [`QuantKernels::VnniTiles`] (a CPU with AVX-512 VNNI) a q4k or q8_0 weight
+//! is then packed into the tiles of [`VnniWeight`], its only copy, and multiplied there at any
+//! count of rows; other types, and other devices, keep candle's quantized matmul.
+//! [`LinearKind`], chosen with the model's backends, says which.
 
 use crate::quant::WeightQuant;
-use crate::vnni_weight::{self, VnniWeight};
+use crate::vnni_weight::VnniWeight;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -28,12 +28,23 @@ pub enum DenseLayout {
     AsLoaded,
 }
 
+/// Which kernels multiply a quantized weight, chosen with the model's device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKernels {
+    /// candle's quantized matmul, on ggml's blocks.
+    Candle,
+    /// q4k and q8_0 in [`VnniWeight`]'s tiles (a CPU with AVX-512 VNNI); other types candle's.
+    VnniTiles,
+}
+
 /// How a linear layer keeps its weight: quantized to `quant` where its shape takes that type
-/// (or its fallback, [`WeightQuant::for_width`]), dense in `layout` otherwise.
+/// (or its fallback, [`WeightQuant::for_width`]) and multiplied by `kernels`, dense in
+/// `layout` otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinearKind {
     pub layout: DenseLayout,
     pub quant: Option<WeightQuant>,
+    pub kernels: QuantKernels,
 }
 
 impl LinearKind {
@@ -41,6 +52,7 @@ impl LinearKind {
         Self {
             layout,
             quant: None,
+            kernels: QuantKernels::Candle,
         }
     }
 }
@@ -61,9 +73,9 @@ enum Weight {
     /// [out, in] in ggml blocks along `in`; multiplies f32 activations, or, from
     /// `dense_rows` rows on, through the weight dequantized.
     Quantized { matmul: QMatMul, dense_rows: usize },
-    /// q4k or q8_0 in VNNI tiles (the CPU's, where it has the instructions): multiplies every
-    /// count of rows itself, since on this CPU its integer dot products outran the f32 GEMM
-    /// at 1 to 256 rows (`docs/benchmarks.md`).
+    /// q4k or q8_0 in VNNI tiles: multiplies every count of rows itself, since on this
+    /// project's CPU its integer dot products outran the f32 GEMM at 1 to 256 rows
+    /// (`docs/benchmarks.md`).
     Packed(VnniWeight),
 }
 
@@ -90,9 +102,9 @@ impl Linear {
                         }
                         let q = QTensor::quantize(&weight, quant.ggml())?;
                         drop(weight);
-                        let packed = match kind.layout {
-                            DenseLayout::InOut if vnni_weight::available() => VnniWeight::pack(&q)?,
-                            _ => None,
+                        let packed = match kind.kernels {
+                            QuantKernels::VnniTiles => VnniWeight::pack(&q)?,
+                            QuantKernels::Candle => None,
                         };
                         match packed {
                             Some(packed) => Weight::Packed(packed),
@@ -205,6 +217,7 @@ pub fn linear_no_bias(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vnni_weight;
     use candle_core::Device;
 
     fn product(w: &Tensor, b: &Tensor, x: &Tensor) -> Tensor {
@@ -258,35 +271,42 @@ mod tests {
         for rows in [3, 100] {
             let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev).unwrap();
             let expected = product(&w, &b, &x);
-            let mut last = 0f32;
             // The largest error over the outputs, per √in (the outputs' scale): twice what was
             // measured here (q8_0 0.027, q6k 0.059, q4k 0.31 at 3 rows; the activations are
             // quantized too there).
-            for (quant, bound) in [
-                (WeightQuant::Q8_0, 0.06f32),
-                (WeightQuant::Q6K, 0.12),
-                (WeightQuant::Q4K, 0.6),
-            ] {
-                let kind = LinearKind {
-                    layout: DenseLayout::InOut,
-                    quant: Some(quant),
-                };
-                let linear = Linear::new(w.clone(), Some(b.clone()), kind, "t").unwrap();
-                // The VNNI tiles take q4k and q8_0 where the CPU has the instructions; q6k
-                // (and every type elsewhere) stays candle's.
-                assert_eq!(
-                    matches!(linear.weight, Weight::Packed(_)),
-                    vnni_weight::available() && quant != WeightQuant::Q6K,
-                    "{quant}"
-                );
-                let ours = linear.forward(&x).unwrap();
-                let error = crate::test_util::max_difference(&ours, &expected) / scale;
-                assert!(error < bound, "{quant}, {rows} rows: {error}");
-                assert!(
-                    error > last,
-                    "{quant} is coarser than the type before: {error} vs {last}"
-                );
-                last = error;
+            // candle's kernels everywhere, and the VNNI tiles where this CPU has them.
+            let mut kernels = vec![QuantKernels::Candle];
+            if vnni_weight::available() {
+                kernels.push(QuantKernels::VnniTiles);
+            }
+            for kernels in kernels {
+                let mut last = 0f32;
+                for (quant, bound) in [
+                    (WeightQuant::Q8_0, 0.06f32),
+                    (WeightQuant::Q6K, 0.12),
+                    (WeightQuant::Q4K, 0.6),
+                ] {
+                    let kind = LinearKind {
+                        layout: DenseLayout::InOut,
+                        quant: Some(quant),
+                        kernels,
+                    };
+                    let linear = Linear::new(w.clone(), Some(b.clone()), kind, "t").unwrap();
+                    // The tiles take q4k and q8_0; q6k stays candle's.
+                    assert_eq!(
+                        matches!(linear.weight, Weight::Packed(_)),
+                        kernels == QuantKernels::VnniTiles && quant != WeightQuant::Q6K,
+                        "{quant}, {kernels:?}"
+                    );
+                    let ours = linear.forward(&x).unwrap();
+                    let error = crate::test_util::max_difference(&ours, &expected) / scale;
+                    assert!(error < bound, "{quant}, {kernels:?}, {rows} rows: {error}");
+                    assert!(
+                        error > last,
+                        "{quant} is coarser than the type before: {error} vs {last}"
+                    );
+                    last = error;
+                }
             }
         }
         // 100 takes no 32-element blocks: dense, exact.
@@ -296,6 +316,7 @@ mod tests {
         let kind = LinearKind {
             layout: DenseLayout::InOut,
             quant: Some(WeightQuant::Q4K),
+            kernels: QuantKernels::VnniTiles,
         };
         let ours = Linear::new(w.clone(), Some(b.clone()), kind, "t").unwrap();
         assert!(matches!(ours.weight, Weight::InOut(_)));

@@ -10,8 +10,8 @@
 //! project's CPUs the integer dot products outran the f32 GEMM up to 256 rows and more).
 //!
 //! The values are ggml's exactly (each weight's 4- or 8-bit code and its block's scale and
-//! minimum, multiplied out to f32 as ggml's dequantization does), so [`VnniWeight::dequantize`]
-//! equals candle's. The activations are quantized per 32 values to i8 with an f32 scale, as
+//! minimum, multiplied out to f32 as ggml's dequantization does): dequantizing the tiles gives
+//! candle's dequantization of the same blocks, bit for bit (the tests check it). The activations are quantized per 32 values to i8 with an f32 scale, as
 //! ggml quantizes them for q8_0 (for q4k ggml uses one scale per 256; per 32 is finer).
 //!
 //! Layout: tiles of 16 output rows (one zmm of i32 lanes), and per tile, for each block of 32
@@ -34,8 +34,6 @@ const BLOCK: usize = 32;
 const MAX_ROWS: usize = 8;
 /// Rows whose activations are kept in cache while every tile passes over them.
 const ROW_BLOCK: usize = 64;
-const Q4K_BLOCK_BYTES: usize = 144;
-const Q8_0_BLOCK_BYTES: usize = 34;
 
 /// ggml's type whose codes a [`VnniWeight`] holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,15 +88,12 @@ pub fn available() -> bool {
 
 /// Whether a weight [out, in] quantized to `dtype` can be packed: q4k or q8_0, whole tiles of
 /// rows, whole blocks of its type along `in`.
-pub fn takes(dtype: GgmlDType, out_dim: usize, in_dim: usize) -> bool {
-    out_dim.is_multiple_of(TILE)
+fn takes(dtype: GgmlDType, out_dim: usize, in_dim: usize) -> bool {
+    matches!(dtype, GgmlDType::Q4K | GgmlDType::Q8_0)
         && out_dim > 0
+        && out_dim.is_multiple_of(TILE)
         && in_dim > 0
-        && match dtype {
-            GgmlDType::Q4K => in_dim.is_multiple_of(256),
-            GgmlDType::Q8_0 => in_dim.is_multiple_of(BLOCK),
-            _ => false,
-        }
+        && in_dim.is_multiple_of(dtype.block_size())
 }
 
 /// ggml's q4k 6-bit scale and minimum of sub-block `j` (0..8) from a block's 12 packed bytes.
@@ -117,6 +112,37 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
+/// Sub-block `sub` (32 values) of ggml's q4k `block` (d, dmin, 12 scale bytes, 128 code bytes)
+/// into row `r` of a tile's block: its codes and its scale and minimum.
+fn pack_q4k(block: &[u8], sub: usize, r: usize, codes: &mut [u8], scales: &mut [f32]) {
+    let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+    let (sc, m) = q4k_scale_min(sub, &block[4..16]);
+    scales[r] = d * sc as f32;
+    scales[TILE + r] = dmin * m as f32;
+    // 32 bytes per 64 values: the first 32 in the low nibbles, the next 32 in the high ones.
+    let qs = &block[16 + sub / 2 * 32..][..BLOCK];
+    let q = |i: usize| {
+        if sub.is_multiple_of(2) {
+            qs[i] & 0x0F
+        } else {
+            qs[i] >> 4
+        }
+    };
+    for p in 0..4 {
+        for j in 0..4 {
+            codes[(p * TILE + r) * 4 + j] = q(4 * p + j) | (q(16 + 4 * p + j) << 4);
+        }
+    }
+}
+
+/// ggml's q8_0 `block` (d, 32 signed codes) into row `r` of a tile's block, codes +128.
+fn pack_q8_0(block: &[u8], r: usize, codes: &mut [u8], scales: &mut [f32]) {
+    scales[r] = f16_at(block, 0);
+    for (i, &byte) in block[2..2 + BLOCK].iter().enumerate() {
+        codes[(i / 4 * TILE + r) * 4 + i % 4] = (byte as i8 as i16 + 128) as u8;
+    }
+}
+
 impl VnniWeight {
     /// Packs a quantized weight [out, in]; `None` when [`takes`] refuses its type or shape.
     pub fn pack(q: &QTensor) -> Result<Option<Self>> {
@@ -130,11 +156,10 @@ impl VnniWeight {
             _ => Codes::Q8_0,
         };
         let data = q.data()?;
-        let (ggml_block, ggml_bytes) = match codes_of {
-            Codes::Q4K => (256, Q4K_BLOCK_BYTES),
-            Codes::Q8_0 => (BLOCK, Q8_0_BLOCK_BYTES),
-        };
-        let row_bytes = in_dim / ggml_block * ggml_bytes;
+        let ggml_bytes = dtype.type_size();
+        // Blocks of 32 per ggml block: 8 for q4k's 256, 1 for q8_0.
+        let subs = dtype.block_size() / BLOCK;
+        let row_bytes = in_dim / dtype.block_size() * ggml_bytes;
         if data.len() != out_dim * row_bytes {
             candle_core::bail!(
                 "{dtype:?} weight [{out_dim}, {in_dim}] holds {} bytes, not {}",
@@ -158,39 +183,10 @@ impl VnniWeight {
                     for b in 0..blocks {
                         let codes = &mut codes[b * code_bytes..][..code_bytes];
                         let scales = &mut scales[b * scale_floats..][..scale_floats];
-                        let mut q = [0u8; BLOCK];
+                        let block = &row[b / subs * ggml_bytes..][..ggml_bytes];
                         match codes_of {
-                            Codes::Q4K => {
-                                let block = &row[b / 8 * Q4K_BLOCK_BYTES..][..Q4K_BLOCK_BYTES];
-                                let sub = b % 8;
-                                let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
-                                let (sc, m) = q4k_scale_min(sub, &block[4..16]);
-                                scales[r] = d * sc as f32;
-                                scales[TILE + r] = dmin * m as f32;
-                                // ggml's q4k: 32 bytes per 64 values, the first 32 in the low
-                                // nibbles, the next 32 in the high ones.
-                                let qs = &block[16 + sub / 2 * 32..][..32];
-                                for (v, &byte) in q.iter_mut().zip(qs) {
-                                    *v = if sub % 2 == 0 { byte & 0x0F } else { byte >> 4 };
-                                }
-                                for p in 0..4 {
-                                    for j in 0..4 {
-                                        codes[(p * TILE + r) * 4 + j] =
-                                            q[4 * p + j] | (q[16 + 4 * p + j] << 4);
-                                    }
-                                }
-                            }
-                            Codes::Q8_0 => {
-                                let block = &row[b * Q8_0_BLOCK_BYTES..][..Q8_0_BLOCK_BYTES];
-                                scales[r] = f16_at(block, 0);
-                                for (v, &byte) in q.iter_mut().zip(&block[2..]) {
-                                    *v = (byte as i8 as i16 + 128) as u8;
-                                }
-                                for g in 0..8 {
-                                    codes[(g * TILE + r) * 4..][..4]
-                                        .copy_from_slice(&q[4 * g..4 * g + 4]);
-                                }
-                            }
+                            Codes::Q4K => pack_q4k(block, b % subs, r, codes, scales),
+                            Codes::Q8_0 => pack_q8_0(block, r, codes, scales),
                         }
                     }
                 }
