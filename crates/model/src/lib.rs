@@ -29,6 +29,7 @@ pub mod preprocess;
 mod projector;
 pub mod prompt;
 pub mod quant;
+mod quantize;
 mod random_weights;
 #[cfg(test)]
 mod test_util;

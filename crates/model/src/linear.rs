@@ -13,8 +13,9 @@
 //! [`LinearKind`], chosen with the model's backends, says which.
 
 use crate::quant::WeightQuant;
+use crate::quantize::quantize;
 use crate::vnni_weight::VnniWeight;
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -100,7 +101,7 @@ impl Linear {
                                 "a row of {in_dim} does not take {wanted}'s blocks: {quant}"
                             );
                         }
-                        let q = QTensor::quantize(&weight, quant.ggml())?;
+                        let q = quantize(&weight, quant)?;
                         drop(weight);
                         let packed = match kind.kernels {
                             QuantKernels::VnniTiles => VnniWeight::pack(&q)?,

@@ -16,6 +16,7 @@ use crate::model::InternVlChat;
 use crate::param_count::ParamCount;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
+use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 /// InternViT's `ls1` / `ls2` at initialisation (`initializer_factor`).
@@ -64,10 +65,12 @@ impl Fill {
         match self {
             Fill::Device => Tensor::randn(0f32, std as f32, shape, device),
             Fill::Host(rng) => {
-                let values = rng
+                // The lock is held only to set the draws aside, not while they are drawn.
+                let start = rng
                     .lock()
                     .map_err(|_| candle_core::Error::Msg("random generator poisoned".into()))?
-                    .normals(shape.elem_count(), std);
+                    .take(shape.elem_count());
+                let values = start.normals(shape.elem_count(), std);
                 Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)
             }
         }
@@ -115,16 +118,30 @@ impl SimpleBackend for RandomBackend {
     }
 }
 
-/// SplitMix64 (Steele, Lea and Flood, 2014): tiny, seedable and plenty for test weights.
+/// SplitMix64 (Steele, Lea and Flood, 2014): tiny, seedable and plenty for test weights. Its
+/// state advances by a constant per draw, so the generator any number of draws on is known at
+/// once, and a tensor's values are drawn in parallel, each chunk from where a single
+/// generator would have reached.
 struct SplitMix64(u64);
+
+/// What SplitMix64's state advances by per draw.
+const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Values drawn by one task; even, so that every chunk starts on a Box–Muller pair.
+const VALUES_PER_TASK: usize = 1 << 16;
 
 impl SplitMix64 {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.0 = self.0.wrapping_add(GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+
+    /// The generator `draws` draws on.
+    fn skipped(&self, draws: u64) -> Self {
+        SplitMix64(self.0.wrapping_add(GAMMA.wrapping_mul(draws)))
     }
 
     /// Uniform in (0, 1]: never 0, so its logarithm is finite.
@@ -132,16 +149,39 @@ impl SplitMix64 {
         ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
     }
 
-    /// `n` draws from N(0, std²), two at a time by the Box–Muller transform.
-    fn normals(&mut self, n: usize, std: f64) -> Vec<f32> {
-        let mut values = Vec::with_capacity(n + 1);
-        while values.len() < n {
+    /// Fills `out` with draws from N(0, std²), two at a time by the Box–Muller transform; a
+    /// last odd value still takes a whole pair's two draws.
+    fn fill_normals(&mut self, out: &mut [f32], std: f64) {
+        for pair in out.chunks_mut(2) {
             let radius = (-2.0 * self.unit().ln()).sqrt() * std;
             let angle = std::f64::consts::TAU * self.unit();
-            values.push((radius * angle.cos()) as f32);
-            values.push((radius * angle.sin()) as f32);
+            pair[0] = (radius * angle.cos()) as f32;
+            if let Some(second) = pair.get_mut(1) {
+                *second = (radius * angle.sin()) as f32;
+            }
         }
-        values.truncate(n);
+    }
+
+    /// Sets aside the draws of `n` normals: returns the generator they start from and moves
+    /// this one past them (two draws per pair of values), so they are drawn without it.
+    fn take(&mut self, n: usize) -> SplitMix64 {
+        let start = SplitMix64(self.0);
+        *self = start.skipped(2 * n.div_ceil(2) as u64);
+        start
+    }
+
+    /// `n` draws from N(0, std²) from this state: the values [`Self::fill_normals`] gives,
+    /// drawn on the host's threads.
+    fn normals(&self, n: usize, std: f64) -> Vec<f32> {
+        let mut values = vec![0f32; n];
+        values
+            .par_chunks_mut(VALUES_PER_TASK)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                // A chunk starts as many draws on as values came before it.
+                self.skipped((task * VALUES_PER_TASK) as u64)
+                    .fill_normals(chunk, std);
+            });
         values
     }
 }
@@ -164,5 +204,38 @@ mod tests {
         assert!(mean.abs() < 0.01, "mean {mean}");
         assert!((var.sqrt() - 0.5).abs() < 0.01, "std {}", var.sqrt());
         assert_eq!(values, SplitMix64(3).normals(100_001, 0.5));
+    }
+
+    /// The draws one after another from one generator, pushed two at a time and the odd one
+    /// cut off: the weights every seed gave before they were drawn in parallel.
+    fn one_by_one(rng: &mut SplitMix64, n: usize, std: f64) -> Vec<f32> {
+        let mut values = Vec::new();
+        while values.len() < n {
+            let radius = (-2.0 * rng.unit().ln()).sqrt() * std;
+            let angle = std::f64::consts::TAU * rng.unit();
+            values.push((radius * angle.cos()) as f32);
+            values.push((radius * angle.sin()) as f32);
+        }
+        values.truncate(n);
+        values
+    }
+
+    #[test]
+    fn parallel_draws_are_the_single_generators() {
+        // Tensors of several chunks, one of them odd, one within a chunk, one empty, drawn in
+        // a row as the model's tensors are: each must match, and so must what follows it.
+        let (mut parallel, mut single) = (SplitMix64(11), SplitMix64(11));
+        for n in [
+            3 * VALUES_PER_TASK + 7,
+            5,
+            0,
+            VALUES_PER_TASK,
+            2 * VALUES_PER_TASK - 1,
+        ] {
+            let ours = parallel.take(n).normals(n, 0.2);
+            let reference = one_by_one(&mut single, n, 0.2);
+            assert!(ours == reference, "{n} values differ from one generator's");
+            assert_eq!(parallel.0, single.0, "the generator after {n} values");
+        }
     }
 }

@@ -270,6 +270,10 @@ fn quantized_demo_checkpoint_stays_near_the_reference() {
             bound(WeightQuant::Q6K, None, 4, 7.5, 1.0),
             bound(WeightQuant::Q4K, None, 3, 25.1, 3.3),
             bound(WeightQuant::Q4K, Some(WeightQuant::Q8_0), 3, 25.1, 3.3),
+            bound(WeightQuant::Q5K, None, 0, 16.4, 3.1),
+            bound(WeightQuant::Q5_1, None, 0, 16.4, 3.1),
+            bound(WeightQuant::Q5_0, None, 3, 25.1, 3.3),
+            bound(WeightQuant::Q4_0, None, 0, 92.2, 9.7),
         ],
     );
 }
@@ -317,6 +321,10 @@ fn quantized_bench_shape_stays_near_f32() {
             bound(WeightQuant::Q6K, None, 0, 0.34, 0.085),
             bound(WeightQuant::Q4K, None, 0, 1.85, 0.43),
             bound(WeightQuant::Q4K, Some(WeightQuant::Q8_0), 0, 1.85, 0.43),
+            bound(WeightQuant::Q5K, None, 0, 0.85, 0.19),
+            bound(WeightQuant::Q5_1, None, 0, 1.0, 0.18),
+            bound(WeightQuant::Q5_0, None, 0, 0.93, 0.19),
+            bound(WeightQuant::Q4_0, None, 0, 2.05, 0.42),
         ],
     );
 }

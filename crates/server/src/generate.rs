@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use internvl_model::preprocess::preprocess;
 use internvl_model::prompt::{ChatMessage, Part, Role};
 use internvl_scheduler::{Event, SamplingParams, StopParams, MAX_TOP_LOGPROBS};
+use internvl_server::host_memory::peak_rss;
 use internvl_server::service::kv_cache::KvCacheSize;
 use internvl_server::service::model::Progress;
 use internvl_server::service::request::{request, Generation, PreparedImage};
@@ -15,6 +16,9 @@ use internvl_server::settings::defaults;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+/// Bytes in a GiB, for the peak RSS printed with the timings.
+const GIB: f64 = (1u64 << 30) as f64;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -157,7 +161,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let decode_steps = generated.max(2) - 1;
     eprintln!(
         "load {:.0} ms | preprocess {:.1} ms ({} images) | vision {:.1} ms | prefill {:.1} ms \
-         ({} tokens) | decode {} tokens in {:.1} ms ({:.1} tok/s)",
+         ({} tokens) | decode {} tokens in {:.1} ms ({:.1} tok/s) | peak RSS {}",
         ms(load_time),
         ms(preprocess_time),
         args.image.len(),
@@ -167,6 +171,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         generated,
         ms(timings.decode),
         decode_steps as f64 / timings.decode.as_secs_f64().max(1e-9),
+        peak_rss().map_or("unknown".into(), |b| format!("{:.2} GiB", b as f64 / GIB)),
     );
     Ok(())
 }

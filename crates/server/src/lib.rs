@@ -8,6 +8,7 @@
 pub mod api;
 pub mod connections;
 pub mod device;
+pub mod host_memory;
 pub mod images;
 pub mod loading;
 pub mod metrics;

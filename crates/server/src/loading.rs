@@ -34,6 +34,7 @@ pub fn load_model(
         attention = ?backends.attention(),
         linear = ?backends.dense_linear().layout,
         quantization = %quantization,
+        quantized_kernels = ?backends.llm_linear().kernels,
         dtype = ?backends.dtype(),
         kv_cache_dtype = ?backends.kv_dtype(),
         "model backends"

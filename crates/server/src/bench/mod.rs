@@ -30,6 +30,7 @@ use anyhow::{bail, Context};
 use gpu_memory::MemorySampler;
 use internvl_model::preprocess::preprocess;
 use internvl_scheduler::GrammarSpec;
+use internvl_server::host_memory::peak_rss;
 use internvl_server::service::grammar;
 use internvl_server::service::model::Progress;
 use internvl_server::service::request::PreparedImage;
@@ -42,7 +43,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// What each reported number means; also written to the JSON.
-const DEFINITIONS: [(&str, &str); 7] = [
+const DEFINITIONS: [(&str, &str); 8] = [
     (
         "decode_tok_s",
         "steady-state decode rate of a level: tokens emitted while every chat of the level was \
@@ -77,6 +78,11 @@ const DEFINITIONS: [(&str, &str); 7] = [
          of allowed tokens, p50 and p99 over the level's tokens (upper bounds of histogram \
          buckets about 19 % wide); a step's masks are computed on other threads while its \
          forward runs",
+    ),
+    (
+        "host_memory",
+        "the process's peak resident set (Linux VmHWM) at the end of loading and over the whole \
+         run",
     ),
     (
         "gpu_memory",
@@ -144,6 +150,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let load_started = Instant::now();
     let loaded = source.load(Progress::Quiet)?;
     let load_s = load_started.elapsed().as_secs_f64();
+    let load_peak_rss = peak_rss();
     let image_files = if args.image.is_empty() {
         default_images()?
     } else {
@@ -219,6 +226,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "definitions": DEFINITIONS.iter().map(|(k, v)| (k.to_string(), json!(v)))
                 .collect::<serde_json::Map<_, _>>(),
+            "host_memory": {
+                "after_load_peak_rss_mib": load_peak_rss.map(|b| mib(b as usize)),
+                "peak_rss_mib": null,
+            },
             "gpu_memory": null,
             "vit": [],
             "ttft": null,

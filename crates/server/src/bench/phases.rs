@@ -13,6 +13,7 @@ use internvl_model::{EncodedPrompt, LoadedModel};
 use internvl_scheduler::{
     ContentHash, Engine, EngineConfig, Event, Grammar, SamplingParams, StopParams,
 };
+use internvl_server::host_memory::peak_rss;
 use internvl_server::service::kv_cache::KvCacheSize;
 use internvl_server::service::request::{request, Generation, PreparedImage};
 use internvl_server::service::{start_engine, EngineShape};
@@ -46,6 +47,7 @@ pub(super) struct Bench<'a> {
 
 impl Bench<'_> {
     pub(super) fn write_json(&mut self) -> anyhow::Result<()> {
+        self.report["host_memory"]["peak_rss_mib"] = json!(peak_rss().map(|b| mib(b as usize)));
         if let Some(m) = &self.memory {
             self.report["gpu_memory"]["peak_used_mib"] = json!(mib(m.overall_peak()));
         }

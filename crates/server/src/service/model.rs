@@ -2,6 +2,8 @@
 //! the loading progress
 //! `serve` shows while a checkpoint of many gigabytes is read.
 
+use crate::device::memory_info;
+use crate::host_memory::peak_rss;
 use crate::loading::load_model;
 use candle_core::{DType, Device};
 use internvl_model::quant::Quantization;
@@ -44,11 +46,23 @@ impl ModelSource {
             Progress::Quiet => None,
             Progress::Shown => Some(load_progress()),
         };
+        let started = Instant::now();
         let loaded = load_model(self, report)?;
         if progress == Progress::Shown && std::io::stderr().is_terminal() {
             // Ends the live progress line.
             eprintln!();
         }
+        // What loading cost, as an operator sizes a host or a card by it: the process's peak
+        // resident memory so far is the load's, and the device memory in use now is the
+        // weights' (and the CUDA context's) before any KV cache is allocated.
+        let mib = |bytes: u64| bytes >> 20;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            peak_rss_mib = peak_rss().map(mib),
+            device_used_mib = memory_info(&self.device)
+                .map(|(free, total)| mib(total.saturating_sub(free) as u64)),
+            "model loaded"
+        );
         Ok(loaded)
     }
 }
