@@ -154,10 +154,16 @@ impl OutputProcessor<'_> {
             .collect()
     }
 
-    /// Sends `event` to the sequence's reader unless the reader has too many bytes unread;
-    /// past that the request is cancelled with an error event (counted once per request).
-    /// False when the sequence must stop: cancelled now, or its request already over.
+    /// Sends `event` to the sequence's reader unless the request is already over (its reader
+    /// gone, or an error ended it) or the reader has too many bytes unread; past that the
+    /// request is cancelled with an error event (counted once per request). False when the
+    /// sequence must stop. Abandonment is checked before sending, never after: a reader that
+    /// leaves once it has its `Finished` event must count as finished, not aborted.
     fn report<P, E>(&mut self, seq: &Sequence<P, E>, event: Event) -> bool {
+        if seq.is_abandoned() {
+            self.stats.aborted += 1;
+            return false;
+        }
         let limit = self.buffer_limit;
         let events = &seq.output().events;
         if let Err(overflow) = events.send(event, limit) {
@@ -172,8 +178,6 @@ impl OutputProcessor<'_> {
             if ended {
                 self.stats.output_overflows += 1;
             }
-        }
-        if seq.is_abandoned() {
             self.stats.aborted += 1;
             return false;
         }
