@@ -265,6 +265,23 @@ fn corrupt_data_is_rejected() {
     expect_corrupt(decode_rgb(&webp, &limits), ImageFormat::WebP);
 }
 
+/// A PLTE chunk of 49 bytes (not whole RGB entries), found by fuzzing: the png crate's
+/// palette expansion panicked on it; it must be refused as corrupt, naming the chunk.
+#[test]
+fn a_palette_of_partial_entries_is_rejected() {
+    let limits = DecodeLimits::default();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/regressions/image_preprocess/png-palette-49-bytes.png");
+    let bytes = std::fs::read(&path).unwrap();
+    match decode_rgb(&bytes, &limits) {
+        Err(PreprocessError::Corrupt { format, reason }) => {
+            assert_eq!(format, ImageFormat::Png);
+            assert!(reason.contains("palette (PLTE) is 49 bytes"), "{reason}");
+        }
+        other => panic!("expected corrupt PNG, got {other:?}"),
+    }
+}
+
 #[test]
 fn unsupported_and_empty_inputs_are_rejected() {
     let limits = DecodeLimits::default();

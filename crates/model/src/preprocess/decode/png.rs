@@ -32,6 +32,20 @@ pub(super) fn decode(bytes: &[u8], check: SizeCheck<'_>) -> Result<RgbImage, Pre
     // unpackers) and tRNS to an alpha channel, which is then dropped; 16 bits stay 16 bits.
     decoder.set_transformations(Transformations::EXPAND);
     let mut reader = decoder.read_info().map_err(png_error)?;
+    // The png crate's palette expansion indexes whole RGB entries and panics on a PLTE
+    // chunk that is not whole entries (one of 49 bytes, found by fuzzing); the PNG
+    // specification makes that chunk an error.
+    if let Some(palette) = &reader.info().palette {
+        if !palette.len().is_multiple_of(3) {
+            return Err(corrupt(
+                FORMAT,
+                format_args!(
+                    "its palette (PLTE) is {} bytes, not whole RGB entries",
+                    palette.len()
+                ),
+            ));
+        }
+    }
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| corrupt(FORMAT, "image too large for this platform"))?;
